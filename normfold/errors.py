@@ -1,0 +1,22 @@
+"""Errors a user can act on, and the exit codes the CLI maps them to.
+
+Exit codes (every command): 0 success, 1 the command ran but a check failed
+(e.g. verification mismatch), 2 bad usage or bad input.
+"""
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class NormfoldError(Exception):
+    """A problem with the user's input or environment; the message is one line
+    saying what is wrong and what to do. The CLI prints it and exits with 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class CheckFailed(NormfoldError):
+    """The command ran, but the result failed a check (exit code 1)."""
+
+    exit_code = EXIT_CHECK_FAILED
