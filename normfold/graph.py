@@ -1,0 +1,98 @@
+"""Moving between `onnx.ModelProto` and onnx-graphsurgeon graphs.
+
+Passes work on graphsurgeon graphs with shapes filled in by ONNX shape
+inference; the model written back keeps everything of the input that a pass
+did not touch (IR version, opset imports, metadata, model-local functions,
+its own value_info) and gains no inferred shape annotations.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+import onnx.shape_inference
+import onnx_graphsurgeon as gs
+
+from .model_io import copy_model_fields, skeleton
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """A graphsurgeon graph of `model`, with inferred shapes on its tensors."""
+    original_info = list(model.graph.value_info)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
+        known = {vi.name for vi in original_info}
+        known.update(i.name for i in model.graph.input)
+        known.update(o.name for o in model.graph.output)
+        extra = [vi for vi in inferred.graph.value_info if vi.name not in known]
+    except (onnx.shape_inference.InferenceError, RuntimeError):
+        extra = []  # shapes stay unknown; passes that need one skip with a reason
+    model.graph.value_info.extend(extra)
+    try:
+        graph = gs.import_onnx(model)
+    finally:
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(original_info)
+    return graph
+
+
+def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export `graph` as a model carrying `like`'s metadata, IR version, opsets
+    and functions, with value_info limited to the entries `like` had."""
+    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True)
+    graph.toposort(recurse_subgraphs=True)
+    exported = gs.export_onnx(graph, do_type_check=False)
+    _restrict_value_info(exported.graph, {vi.name for vi in like.graph.value_info})
+
+    opsets = _merged_opsets(like, exported)
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        exported.ClearField(field)
+    del exported.opset_import[:]
+    copy_model_fields(like, exported, skip=("graph", "opset_import", "functions"))
+    exported.opset_import.extend(opsets)
+    return exported
+
+
+def _restrict_value_info(graph: onnx.GraphProto, keep: set[str]) -> None:
+    """Keep only the value_info entries named in `keep`, in `graph` and its
+    subgraphs (graphsurgeon writes every shape it knows)."""
+    infos = [vi for vi in graph.value_info if vi.name in keep]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+    for sub in subgraphs(graph):
+        _restrict_value_info(sub, keep)
+
+
+def subgraphs(graph: onnx.GraphProto):
+    """The subgraphs (If/Loop/Scan bodies) directly inside `graph`."""
+    for node in graph.node:
+        for attr in node.attribute:
+            yield from attr.graphs
+            if attr.HasField("g"):
+                yield attr.g
+
+
+def _merged_opsets(like: onnx.ModelProto, exported: onnx.ModelProto) -> list[onnx.OperatorSetIdProto]:
+    """`like`'s opset imports, plus any domain the exported graph newly uses."""
+    opsets = list(like.opset_import)
+    have = {op.domain for op in opsets}
+    new_versions = {op.domain: op.version for op in exported.opset_import}
+    for domain in sorted(_used_domains(exported.graph) - have - {"ai.onnx"}):
+        opsets.append(onnx.helper.make_opsetid(domain, new_versions.get(domain, 1)))
+    return opsets
+
+
+def count_ops(graph: onnx.GraphProto) -> Counter:
+    """Number of nodes per op type in `graph`, subgraphs included."""
+    counts = Counter(node.op_type for node in graph.node)
+    for sub in subgraphs(graph):
+        counts += count_ops(sub)
+    return counts
+
+
+def _used_domains(graph: onnx.GraphProto) -> set[str]:
+    domains = {node.domain for node in graph.node}
+    for sub in subgraphs(graph):
+        domains |= _used_domains(sub)
+    return domains

@@ -1,0 +1,309 @@
+"""Loading and saving ONNX models safely.
+
+Every command reads and writes models through this module, so the rules hold
+everywhere: bad input is one clear `NormfoldError` line, external data never
+resolves outside the model's folder, outputs are written atomically, and the
+input file is never written over unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import google.protobuf.message
+import onnx
+import onnx.checker
+import onnx.defs
+import onnx.shape_inference
+from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
+
+from .errors import NormfoldError
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Tensors at least this big go to the external-data file when saving externally.
+EXTERNAL_THRESHOLD_BYTES = 1024
+
+
+@dataclass
+class LoadedModel:
+    """A model read from disk, with where it came from."""
+
+    model: onnx.ModelProto
+    path: Path
+    had_external_data: bool
+    file_bytes: int  # size of the .onnx file plus its external-data files
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Read an ONNX model (and its external data) or raise a one-line NormfoldError."""
+    path = Path(path)
+    if not path.exists():
+        raise NormfoldError(f"{path}: no such file; check the path to the .onnx model")
+    if path.is_dir():
+        raise NormfoldError(f"{path}: is a folder; give the path of an .onnx file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise NormfoldError(f"{path}: cannot read the file ({exc.strerror})") from exc
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (google.protobuf.message.DecodeError, ValueError, RuntimeError) as exc:
+        raise NormfoldError(
+            f"{path}: not an ONNX model (the protobuf does not parse: the file is truncated, "
+            "corrupted or of another format); re-export or re-download it"
+        ) from exc
+    del data
+    if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
+        raise NormfoldError(
+            f"{path}: not an ONNX model (no IR version, graph or opset; the file may be truncated "
+            "or of another format); re-export or re-download it"
+        )
+    _check_versions(model, path)
+    external = _external_tensors(model)
+    total = path.stat().st_size + _check_external_files(external, path)
+    if external:
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    _check_valid(model, path)
+    return LoadedModel(model=model, path=path, had_external_data=bool(external), file_bytes=total)
+
+
+def _check_versions(model: onnx.ModelProto, path: Path) -> None:
+    if model.ir_version > onnx.IR_VERSION:
+        raise NormfoldError(
+            f"{path}: IR version {model.ir_version} is newer than the installed onnx "
+            f"{onnx.__version__} supports (max {onnx.IR_VERSION}); upgrade onnx "
+            "(pip install -U onnx) or export with an older IR version"
+        )
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise NormfoldError(
+                f"{path}: opset {opset.version} is newer than the installed onnx "
+                f"{onnx.__version__} supports (max {newest}); upgrade onnx or export "
+                "with an older opset"
+            )
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [
+        t
+        for t in _get_all_tensors(model)
+        if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+
+
+def _check_external_files(tensors: list[onnx.TensorProto], path: Path) -> int:
+    """Validate every external-data reference before anything is read; return the
+    total size of the referenced files."""
+    base = path.parent.resolve()
+    sizes: dict[Path, int] = {}
+    for tensor in tensors:
+        info = ExternalDataInfo(tensor)
+        location = info.location
+        if not location or os.path.isabs(location) or Path(location).drive:
+            raise NormfoldError(
+                f"{path}: tensor '{tensor.name}' points at external data '{location}' outside "
+                "the model's folder (absolute path); refusing to read it. Keep external data "
+                "files next to the model and reference them by relative name"
+            )
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise NormfoldError(
+                f"{path}: tensor '{tensor.name}' points at external data '{location}', which "
+                "resolves outside the model's folder; refusing to read it. Keep external data "
+                "files next to the model and reference them by relative name"
+            )
+        if target not in sizes:
+            if not target.is_file():
+                raise NormfoldError(
+                    f"{path}: external data file '{location}' (for tensor '{tensor.name}') is "
+                    f"missing; copy it next to the model into {base}"
+                )
+            sizes[target] = target.stat().st_size
+        end = (info.offset or 0) + (info.length or 0)
+        if info.length is not None and end > sizes[target]:
+            raise NormfoldError(
+                f"{path}: external data file '{location}' is truncated ({sizes[target]} bytes, "
+                f"tensor '{tensor.name}' needs bytes up to {end}); copy the complete file again"
+            )
+    return sum(sizes.values())
+
+
+def _check_valid(model: onnx.ModelProto, path: Path) -> None:
+    try:
+        onnx.checker.check_model(skeleton(model))
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NormfoldError(
+            f"{path}: not a valid ONNX model ({first}); the file may be truncated or "
+            "hand-edited: re-export it"
+        ) from exc
+
+
+def skeleton(model: onnx.ModelProto, max_elements: int = 1024) -> onnx.ModelProto:
+    """A copy of `model` without its large weights, for the checker and shape
+    inference: each main-graph initializer over `max_elements` elements becomes a
+    graph input of the same type and shape. Cheap even for multi-GB models."""
+    skel = onnx.ModelProto()
+    graph = model.graph
+    copy_model_fields(model, skel, skip=("graph",))
+    sg = skel.graph
+    sg.name = graph.name
+    sg.doc_string = graph.doc_string
+    sg.node.extend(graph.node)
+    sg.input.extend(graph.input)
+    sg.output.extend(graph.output)
+    sg.value_info.extend(graph.value_info)
+    sg.sparse_initializer.extend(graph.sparse_initializer)
+    sg.quantization_annotation.extend(graph.quantization_annotation)
+    declared = {i.name for i in graph.input}
+    for init in graph.initializer:
+        count = 1
+        for d in init.dims:
+            count *= d
+        if count <= max_elements:
+            sg.initializer.append(init)
+        elif init.name not in declared:
+            sg.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+    return skel
+
+
+def copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto, skip: tuple[str, ...]) -> None:
+    """Copy every set field of `src` except those named in `skip` into `dst`."""
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        if field.label == field.LABEL_REPEATED or field.message_type is not None:
+            getattr(dst, field.name).MergeFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def check_output(model: onnx.ModelProto) -> None:
+    """Run the onnx checker and strict shape inference on a model normfold made.
+    A failure here is a normfold bug, reported as such."""
+    try:
+        onnx.checker.check_model(skeleton(model), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise RuntimeError(
+            f"normfold produced an invalid model ({exc}); this is a bug in normfold, "
+            "please report it with the input model"
+        ) from exc
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of the model, counting external tensors at full size."""
+    return model.ByteSize()
+
+
+def save_model(
+    model: onnx.ModelProto,
+    out: str | os.PathLike,
+    *,
+    source: Path | None = None,
+    inplace: bool = False,
+    external_data: bool | None = None,
+    check: bool = True,
+) -> int:
+    """Check `model`, then write it to `out` atomically and return the bytes written.
+
+    `source` is the input path: writing over it (or its external-data file) is
+    refused unless `inplace`. `external_data=None` keeps weights external when the
+    input had them or the model is over 2 GB; the data goes to `<out name>.data`.
+    """
+    out = Path(out)
+    if source is not None and not inplace and _same_file(out, source):
+        raise NormfoldError(
+            f"{out}: refusing to overwrite the input model; pass -o OUT to write elsewhere "
+            "or --inplace to replace it"
+        )
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise NormfoldError(f"{out}: output folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise NormfoldError(f"{out}: output folder {folder} is not writable; choose another -o path")
+    if check:
+        check_output(model)
+    if external_data is None:
+        external_data = model_bytes(model) > PROTOBUF_LIMIT
+    if external_data:
+        return _write_external(model, out)
+    return _write_atomic(out, model.SerializeToString())
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _temp_file(folder: Path, name: str) -> tuple[int, str]:
+    try:
+        return tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise NormfoldError(
+            f"{folder / name}: cannot write in {folder} ({exc.strerror}); choose another -o path"
+        ) from exc
+
+
+def _write_atomic(out: Path, payload: bytes) -> int:
+    folder = out.parent if str(out.parent) else Path(".")
+    fd, tmp = _temp_file(folder, out.name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(payload)
+
+
+def _write_external(model: onnx.ModelProto, out: Path) -> int:
+    """Write large tensors to `<out>.data` and the graph to `out`, each atomically.
+    The in-memory model is left as it was."""
+    location = out.name + ".data"
+    folder = out.parent if str(out.parent) else Path(".")
+    moved: list[tuple[onnx.TensorProto, bytes]] = []
+    fd, tmp_data = _temp_file(folder, location)
+    try:
+        offset = 0
+        with os.fdopen(fd, "wb") as f:
+            for tensor in _get_all_tensors(model):
+                if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_THRESHOLD_BYTES:
+                    continue
+                pad = (-offset) % 4096
+                f.write(b"\0" * pad)
+                offset += pad
+                raw = tensor.raw_data
+                f.write(raw)
+                moved.append((tensor, raw))
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                del tensor.external_data[:]
+                for key, value in (("location", location), ("offset", offset), ("length", len(raw))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                offset += len(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_data, 0o644)
+        os.replace(tmp_data, folder / location)
+        written = offset + _write_atomic(out, model.SerializeToString())
+    except BaseException:
+        Path(tmp_data).unlink(missing_ok=True)
+        raise
+    finally:
+        for tensor, raw in moved:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
+    return written

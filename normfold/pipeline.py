@@ -1,0 +1,36 @@
+"""Running graph passes on in-memory models: the Python API behind the CLI."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .graph import export_model, import_graph
+from .report import PassReport
+
+GraphPass = Callable[..., PassReport]
+
+
+def run_pass(model: onnx.ModelProto, graph_pass: GraphPass, **options) -> tuple[onnx.ModelProto, PassReport]:
+    """Apply `graph_pass(graph, **options)` to `model`; return the new model and the report.
+    `model` itself is not modified."""
+    graph: gs.Graph = import_graph(model)
+    report = graph_pass(graph, **options)
+    return export_model(graph, like=model), report
+
+
+def fold_bn(
+    model: onnx.ModelProto, *, direction: str = "both", standalone: str = "keep"
+) -> tuple[onnx.ModelProto, PassReport]:
+    """Fold every exactly-foldable inference BatchNormalization of `model` into its
+    neighbouring Conv/ConvTranspose/Gemm/MatMul.
+
+    direction: "backward" (into the producer), "forward" (into the consumers) or "both".
+    standalone: "keep" leaves unfoldable BN as is, "affine" rewrites it as Mul+Add.
+    Returns (new model, report); `model` is not modified.
+    """
+    from .passes.fold_bn import fold_bn as fold_bn_pass
+
+    return run_pass(model, fold_bn_pass, direction=direction, standalone=standalone)

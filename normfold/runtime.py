@@ -1,0 +1,61 @@
+"""onnxruntime sessions as normfold creates them.
+
+Every session registers normfold's custom-op library when it is built, so
+models rewritten by normfold run wherever normfold runs.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+
+from .errors import NormfoldError
+from .ops_library import register_ops
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def make_session(
+    model: onnx.ModelProto | str,
+    *,
+    provider: str = "cpu",
+    optimize: bool = False,
+    threads: int | None = None,
+) -> ort.InferenceSession:
+    """An onnxruntime session for `model` (a ModelProto or a path).
+
+    `optimize=False` disables every onnxruntime graph optimization, so the
+    session computes exactly the graph it is given (onnxruntime would otherwise
+    fold BatchNorm itself and hide differences). `provider` is "cpu" or "cuda";
+    asking for CUDA where it is not available is an error, never a silent CPU run.
+    """
+    if provider not in PROVIDERS:
+        raise NormfoldError(f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)}")
+    name = PROVIDERS[provider]
+    if name not in ort.get_available_providers():
+        raise NormfoldError(
+            f"execution provider '{provider}' is not available in this onnxruntime "
+            f"(available: {', '.join(ort.get_available_providers())}); use --provider cpu"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    register_ops(options)
+    source = model if isinstance(model, str) else model.SerializeToString()
+    providers = [name] if provider == "cpu" else [name, PROVIDERS["cpu"]]
+    try:
+        session = ort.InferenceSession(source, options, providers=providers)
+    except RuntimeError as exc:  # onnxruntime's Fail, InvalidGraph, NotImplemented, ...
+        first = str(exc).strip().splitlines()[0]
+        raise NormfoldError(f"onnxruntime cannot load the model: {first}") from exc
+    if name not in session.get_providers():
+        # onnxruntime-gpu lists CUDA even without a GPU and silently falls back to CPU.
+        raise NormfoldError(
+            f"execution provider '{provider}' could not be initialised (no usable GPU or CUDA "
+            "libraries); use --provider cpu"
+        )
+    return session
