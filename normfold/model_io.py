@@ -177,7 +177,7 @@ def copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto, skip: tuple[st
     for field, value in src.ListFields():
         if field.name in skip:
             continue
-        if field.label == field.LABEL_REPEATED or field.message_type is not None:
+        if field.message_type is not None or hasattr(value, "extend"):  # message or repeated
             getattr(dst, field.name).MergeFrom(value)
         else:
             setattr(dst, field.name, value)

@@ -1,0 +1,410 @@
+"""Fold inference BatchNormalization into neighbouring linear layers.
+
+    backward:  Conv | ConvTranspose | Gemm | MatMul(+Add)  ->  BN     =>  layer'
+    forward:   BN  ->  Conv (unpadded or t = 0) | Gemm | MatMul   =>  layer'
+
+A BN that folds neither way is kept, or with `standalone="affine"` rewritten
+as Mul(s) -> Add(t). Every BN left is reported with the reason. The algebra
+is in `bn_math`; this module only decides where it applies and rewires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from normfold.report import PassReport
+
+from . import bn_math
+from .graph_helpers import (
+    NameScope,
+    NotConstant,
+    bypass,
+    constant_value,
+    consumers,
+    float_attr,
+    int_attr,
+    is_observable,
+    is_standard,
+    only_consumer_is,
+    producer,
+    subgraphs,
+)
+
+BN = "BatchNormalization"
+
+
+class Skip(Exception):
+    """This BN cannot be folded here; the message says why."""
+
+
+@dataclass
+class Affine:
+    """A BN node as the affine map `y = s ⊙ x + t` on axis 1 (float64)."""
+
+    node: gs.Node
+    s: np.ndarray
+    t: np.ndarray
+
+    @property
+    def x(self) -> gs.Tensor:
+        return self.node.inputs[0]
+
+    @property
+    def y(self) -> gs.Tensor:
+        return self.node.outputs[0]
+
+
+def fold_bn(graph: gs.Graph, direction: str = "both", standalone: str = "keep") -> PassReport:
+    """Fold every exactly-foldable BN of `graph` (and its subgraphs) in place.
+
+    direction: "both", "backward" (into the producer) or "forward" (into the consumers).
+    standalone: "keep" or "affine" (rewrite unfoldable BN as Mul+Add).
+    """
+    if direction not in ("both", "backward", "forward"):
+        raise ValueError(f"direction must be both, backward or forward, not {direction!r}")
+    if standalone not in ("keep", "affine"):
+        raise ValueError(f"standalone must be keep or affine, not {standalone!r}")
+    report = PassReport("fold-bn")
+    _fold_graph(graph, graph.opset, NameScope(graph), direction, standalone, report, "")
+    return report
+
+
+def _fold_graph(graph, opset, names, direction, standalone, report, where) -> None:
+    for sub in list(subgraphs(graph)):
+        _fold_graph(sub, opset, names, direction, standalone, report, f"{where}/{sub.name}" if where else sub.name)
+    folds = []
+    if direction in ("both", "backward"):
+        folds.append(("backward", _fold_backward))
+    if direction in ("both", "forward"):
+        folds.append(("forward", _fold_forward))
+    reasons: dict[int, str] = {}
+    progress = True
+    while progress:  # folding one BN can make another foldable (BN -> BN -> Conv)
+        progress = False
+        for node in [n for n in graph.nodes if n.op == BN and n.outputs]:
+            try:
+                bn = _as_affine(graph, node, opset)
+            except Skip as why:
+                reasons[id(node)] = str(why)
+                continue
+            failures = []
+            for how, fold in folds:
+                try:
+                    into = fold(graph, bn, names)
+                except Skip as why:
+                    failures.append(f"{how}: {why}")
+                    continue
+                report.changed(node.name, BN, into, how, where)
+                reasons.pop(id(node), None)
+                progress = True
+                break
+            else:
+                reasons[id(node)] = "; ".join(failures)
+    graph.cleanup()
+    for node in [n for n in graph.nodes if n.op == BN]:
+        reason = reasons.get(id(node), "not examined")
+        if standalone == "affine":
+            try:
+                _rewrite_as_affine(graph, _as_affine(graph, node, opset), names)
+                report.changed(node.name, BN, "Mul+Add", "standalone", where)
+                continue
+            except Skip as why:
+                reason = f"{reason}; affine rewrite: {why}"
+        report.skip(node.name, BN, reason, where)
+    graph.cleanup()
+
+
+def _as_affine(graph: gs.Graph, node: gs.Node, opset: int) -> Affine:
+    """Read an inference BN as (s, t), or raise Skip saying why it is not one."""
+    if int_attr(node, "training_mode", 0):
+        raise Skip("training_mode=1 (statistics come from the batch)")
+    if not int_attr(node, "spatial", 1):
+        raise Skip("spatial=0 (per-activation statistics) is not supported")
+    for extra in node.outputs[1:]:
+        if extra.name and (consumers(extra) or is_observable(graph, extra)):
+            raise Skip(f"training output '{extra.name}' is used")
+    if len(node.inputs) != 5:
+        raise Skip("expected 5 inputs (X, scale, B, mean, var)")
+    try:
+        scale, bias, mean, var = (constant_value(t, opset) for t in node.inputs[1:])
+    except NotConstant as why:
+        raise Skip(f"parameters are not constant ({why})") from None
+    channels = mean.size
+    if any(p.size != channels for p in (scale, bias, var)):
+        raise Skip("scale, B, mean and var have different sizes")
+    shape = node.inputs[0].shape
+    if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) and shape[1] != channels:
+        raise Skip(f"input has {shape[1]} channels but the parameters have {channels}")
+    try:
+        s, t = bn_math.bn_affine(scale, bias, mean, var, float_attr(node, "epsilon", 1e-5))
+    except bn_math.NotFoldable as why:
+        raise Skip(str(why)) from None
+    return Affine(node, s, t)
+
+
+def _weight(node: gs.Node, index: int, opset: int, what: str) -> np.ndarray | None:
+    """Constant input `index` of `node` (None when absent); Skip if not constant."""
+    if len(node.inputs) <= index or not node.inputs[index].name:
+        return None
+    try:
+        return constant_value(node.inputs[index], opset)
+    except NotConstant as why:
+        raise Skip(f"{node.op} '{node.name}' {what} is not constant ({why})") from None
+
+
+def _set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    while len(node.inputs) <= index:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[index] = tensor
+
+
+def _cast(values: np.ndarray, like: np.ndarray | None, fallback) -> np.ndarray:
+    return values.astype(like.dtype if like is not None else fallback)
+
+
+# --- backward: fold into the producer of x --------------------------------
+
+
+def _fold_backward(graph: gs.Graph, bn: Affine, names: NameScope) -> str:
+    layer = producer(bn.x)
+    if layer is None:
+        raise Skip("input is a graph input or constant")
+    if not only_consumer_is(graph, bn.x, bn.node):
+        raise Skip(f"output of {layer.op} '{layer.name}' is also used elsewhere")
+    fold = _BACKWARD.get(layer.op)
+    if fold is None or not is_standard(layer):
+        raise Skip(f"producer {layer.op} '{layer.name}' is not a foldable layer")
+    fold(graph, layer, bn, names)
+    bypass(bn.node, bn.x)
+    return layer.op if layer.op != "Add" else "MatMul"
+
+
+def _backward_conv(graph, conv, bn, names) -> None:
+    opset = graph.opset
+    w = _weight(conv, 1, opset, "weight")
+    if w is None or w.shape[0] != bn.s.size:
+        raise Skip(f"Conv '{conv.name}' weight does not have {bn.s.size} output channels")
+    b = _weight(conv, 2, opset, "bias")
+    w2, b2 = bn_math.into_conv_output(w, b, bn.s, bn.t)
+    _set_weights(conv, names, w2, _cast(b2, b, w.dtype), w)
+
+
+def _backward_conv_transpose(graph, conv, bn, names) -> None:
+    opset = graph.opset
+    w = _weight(conv, 1, opset, "weight")
+    groups = int_attr(conv, "group", 1)
+    if w is None or w.shape[1] * groups != bn.s.size:
+        raise Skip(f"ConvTranspose '{conv.name}' weight does not have {bn.s.size} output channels")
+    b = _weight(conv, 2, opset, "bias")
+    w2, b2 = bn_math.into_conv_transpose_output(w, b, bn.s, bn.t, groups)
+    _set_weights(conv, names, w2, _cast(b2, b, w.dtype), w)
+
+
+def _set_weights(node, names, w2, b2, w) -> None:
+    node.inputs[1] = names.constant(node.inputs[1].name, w2.astype(w.dtype))
+    _set_input(node, 2, names.constant(f"{node.name or node.outputs[0].name}.bias", b2))
+
+
+def _backward_gemm(graph, gemm, bn, names) -> None:
+    opset = graph.opset
+    b = _weight(gemm, 1, opset, "B")
+    if b is None or b.ndim != 2:
+        raise Skip(f"Gemm '{gemm.name}' B is not a 2-D constant")
+    n_axis = 0 if int_attr(gemm, "transB", 0) else 1
+    if b.shape[n_axis] != bn.s.size:
+        raise Skip(f"Gemm '{gemm.name}' has {b.shape[n_axis]} outputs but BN has {bn.s.size} channels")
+    c = _weight(gemm, 2, opset, "C")
+    beta = float_attr(gemm, "beta", 1.0)
+    if c is None or beta == 0.0:
+        c, beta = None, 1.0
+    b2, _ = bn_math.into_matrix_output(b, None, bn.s, bn.t, n_axis)
+    _, c2 = bn_math.into_matrix_output(b, c, bn.s, bn.t / beta, n_axis)
+    gemm.inputs[1] = names.constant(gemm.inputs[1].name, b2.astype(b.dtype))
+    _set_input(gemm, 2, names.constant(f"{gemm.name}.C", _cast(c2, c, b.dtype)))
+    gemm.attrs["beta"] = beta
+
+
+def _backward_matmul(graph, matmul, bn, names) -> None:
+    w = _matmul_weight(graph, matmul, bn.x)
+    w2, bias = bn_math.into_matrix_output(w, None, bn.s, bn.t, 1)
+    matmul.inputs[1] = names.constant(matmul.inputs[1].name, w2.astype(w.dtype))
+    _append_bias(graph, matmul, bias.astype(w.dtype), names)
+
+
+def _backward_matmul_add(graph, add, bn, names) -> None:
+    """MatMul -> Add(bias) -> BN: fold into both the weight and the bias."""
+    matmul, bias_index = _matmul_feeding(add)
+    if matmul is None or len(add.inputs) != 2:
+        raise Skip(f"Add '{add.name}' does not add a bias to a MatMul")
+    if not only_consumer_is(graph, matmul.outputs[0], add):
+        raise Skip(f"output of MatMul '{matmul.name}' is also used elsewhere")
+    w = _matmul_weight(graph, matmul, bn.x)
+    bias = _weight(add, bias_index, graph.opset, "bias")
+    if bias.ndim > 1 and any(d != 1 for d in bias.shape[:-1]) or bias.shape[-1:] not in ((w.shape[1],), (1,), ()):
+        raise Skip(f"Add '{add.name}' bias of shape {bias.shape} is not a per-output bias")
+    w2, bias2 = bn_math.into_matrix_output(w, bias.reshape(-1), bn.s, bn.t, 1)
+    matmul.inputs[1] = names.constant(matmul.inputs[1].name, w2.astype(w.dtype))
+    add.inputs[bias_index] = names.constant(add.inputs[bias_index].name, bias2.astype(bias.dtype))
+
+
+def _matmul_feeding(add: gs.Node) -> tuple[gs.Node | None, int]:
+    """The MatMul whose output `add` adds something to, and the other input's index."""
+    for bias_index in (1, 0):
+        source = producer(add.inputs[1 - bias_index])
+        if source is not None and source.op == "MatMul":
+            return source, bias_index
+    return None, 0
+
+
+def _matmul_weight(graph: gs.Graph, matmul: gs.Node, y: gs.Tensor) -> np.ndarray:
+    """The constant 2-D weight of a MatMul whose (possibly biased) output `y` is
+    2-D, so that BN's channel axis 1 is the MatMul's output axis."""
+    w = _weight(matmul, 1, graph.opset, "weight")
+    if w is None or w.ndim != 2:
+        raise Skip(f"MatMul '{matmul.name}' weight is not a 2-D constant")
+    shape = y.shape
+    if shape is None:
+        raise Skip(f"rank of MatMul '{matmul.name}' output is unknown (BN must act on its last axis)")
+    if len(shape) != 2:
+        raise Skip(f"MatMul '{matmul.name}' output is {len(shape)}-D: BN normalizes axis 1, not the output features")
+    return w
+
+
+def _append_bias(graph: gs.Graph, node: gs.Node, bias: np.ndarray, names: NameScope) -> None:
+    """Insert `Add(bias)` right after single-output `node`, which stays in `graph`."""
+    out = node.outputs[0]
+    mid = names.variable(f"{out.name}_nobias", dtype=out.dtype, shape=out.shape)
+    node.outputs[0] = mid
+    bias_constant = names.constant(f"{node.name or out.name}.bias", bias)
+    graph.nodes.append(gs.Node("Add", names.fresh(f"{node.name}_bias"), inputs=[mid, bias_constant], outputs=[out]))
+
+
+_BACKWARD = {
+    "Conv": _backward_conv,
+    "ConvTranspose": _backward_conv_transpose,
+    "Gemm": _backward_gemm,
+    "MatMul": _backward_matmul,
+    "Add": _backward_matmul_add,
+}
+
+
+# --- forward: fold into the consumers of y ------------------------------------
+
+
+def _fold_forward(graph: gs.Graph, bn: Affine, names: NameScope) -> str:
+    if is_observable(graph, bn.y):
+        raise Skip("output is a graph output")
+    readers = consumers(bn.y)
+    if not readers:
+        raise Skip("output is unused")
+    local = {id(n) for n in graph.nodes}
+    updates = []
+    for reader in readers:  # check every reader before changing any
+        plan = _FORWARD.get(reader.op)
+        if plan is None or not is_standard(reader) or id(reader) not in local:
+            raise Skip(f"consumer {reader.op} '{reader.name}' is not a foldable layer")
+        if reader.inputs[0] is not bn.y or any(t is bn.y for t in reader.inputs[1:]):
+            raise Skip(f"BN output is not only the data input of {reader.op} '{reader.name}'")
+        updates.append(plan(graph, reader, bn, names))
+    x = bn.x
+    bn.node.inputs.clear()
+    bn.node.outputs.clear()
+    for reader, update in zip(readers, updates):
+        reader.inputs[0] = x
+        update()
+    return "+".join(sorted({r.op for r in readers}))
+
+
+def _forward_conv(graph, conv, bn, names):
+    w = _weight(conv, 1, graph.opset, "weight")
+    groups = int_attr(conv, "group", 1)
+    if w is None or w.shape[1] * groups != bn.s.size:
+        raise Skip(f"Conv '{conv.name}' weight does not have {bn.s.size} input channels")
+    if _pads_input(conv) and np.any(bn.t != 0):
+        raise Skip(
+            f"Conv '{conv.name}' zero-pads its input and BN shifts it (t != 0), so the fold "
+            "would change the border values"
+        )
+    b = _weight(conv, 2, graph.opset, "bias")
+    w2, b2 = bn_math.into_conv_input(w, b, bn.s, bn.t, groups)
+    return lambda: _set_weights(conv, names, w2, _cast(b2, b, w.dtype), w)
+
+
+def _pads_input(conv: gs.Node) -> bool:
+    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "VALID":
+        return False
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return True
+    return any(int(p) != 0 for p in conv.attrs.get("pads", []))
+
+
+def _forward_gemm(graph, gemm, bn, names):
+    if int_attr(gemm, "transA", 0):
+        raise Skip(f"Gemm '{gemm.name}' has transA=1, so BN's channels are not its K axis")
+    b = _weight(gemm, 1, graph.opset, "B")
+    k_axis = 1 if int_attr(gemm, "transB", 0) else 0
+    if b is None or b.ndim != 2 or b.shape[k_axis] != bn.s.size:
+        raise Skip(f"Gemm '{gemm.name}' B is not a constant with {bn.s.size} rows of K")
+    c = _weight(gemm, 2, graph.opset, "C")
+    alpha, beta = float_attr(gemm, "alpha", 1.0), float_attr(gemm, "beta", 1.0)
+    b2, shift = bn_math.into_matrix_input(b, bn.s, bn.t, k_axis)
+    if c is None or beta == 0.0:
+        c2, beta = alpha * shift, 1.0
+    else:
+        c2 = np.asarray(c, dtype=np.float64) + (alpha / beta) * shift
+
+    def update():
+        gemm.inputs[1] = names.constant(gemm.inputs[1].name, b2.astype(b.dtype))
+        _set_input(gemm, 2, names.constant(f"{gemm.name}.C", _cast(c2, c, b.dtype)))
+        gemm.attrs["beta"] = beta
+
+    return update
+
+
+def _forward_matmul(graph, matmul, bn, names):
+    w = _matmul_weight(graph, matmul, bn.y)
+    if w.shape[0] != bn.s.size:
+        raise Skip(f"MatMul '{matmul.name}' weight does not have {bn.s.size} rows")
+    w2, shift = bn_math.into_matrix_input(w, bn.s, bn.t, 0)
+
+    def update():
+        matmul.inputs[1] = names.constant(matmul.inputs[1].name, w2.astype(w.dtype))
+        _append_bias(graph, matmul, shift.astype(w.dtype), names)
+
+    return update
+
+
+_FORWARD = {"Conv": _forward_conv, "Gemm": _forward_gemm, "MatMul": _forward_matmul}
+
+
+# --- standalone: Mul + Add ----------------------------------------------------
+
+
+def _rewrite_as_affine(graph: gs.Graph, bn: Affine, names: NameScope) -> None:
+    shape = bn.x.shape
+    if shape is None or len(shape) < 2:
+        raise Skip("input rank is unknown")
+    dtype = _numpy_dtype(bn.x.dtype) or constant_value(bn.node.inputs[1], graph.opset).dtype
+    broadcast = (-1,) + (1,) * (len(shape) - 2)  # channel axis 1, aligned from the right
+    x, y, name = bn.x, bn.y, bn.node.name
+    scaled = names.variable(f"{y.name}_scaled", dtype=bn.x.dtype, shape=shape)
+    s = names.constant(f"{name}.scale", bn.s.reshape(broadcast).astype(dtype))
+    t = names.constant(f"{name}.shift", bn.t.reshape(broadcast).astype(dtype))
+    bn.node.inputs.clear()
+    bn.node.outputs.clear()
+    graph.nodes.append(gs.Node("Mul", names.fresh(f"{name}_mul"), inputs=[x, s], outputs=[scaled]))
+    graph.nodes.append(gs.Node("Add", names.fresh(f"{name}_add"), inputs=[scaled, t], outputs=[y]))
+
+
+def _numpy_dtype(dtype):
+    if dtype is None:
+        return None
+    if isinstance(dtype, int):
+        return onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    return np.dtype(dtype)
