@@ -1,0 +1,140 @@
+"""`normfold demo`: fold BatchNorm in small built-in PyTorch networks, end to end."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NormfoldError
+
+
+def _networks():
+    """(name, module, example input) for each BN placement normfold handles."""
+    import torch
+    from torch import nn
+
+    class ConvBN(nn.Sequential):
+        def __init__(self):
+            super().__init__(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.Conv2d(16, 16, 3, stride=2, padding=2, dilation=2, bias=False), nn.BatchNorm2d(16))
+
+    class GroupedDepthwise(nn.Sequential):
+        def __init__(self):
+            super().__init__(nn.Conv2d(8, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16))
+
+    class ConvTransposeBN(nn.Sequential):
+        def __init__(self):
+            super().__init__(nn.ConvTranspose2d(8, 12, 3, stride=2, output_padding=1, groups=2), nn.BatchNorm2d(12))
+
+    class LinearBN1d(nn.Sequential):
+        def __init__(self):
+            super().__init__(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+
+    class PreActivation(nn.Module):
+        """BN on the network input and before convs: folds forward into the
+        unpadded 1x1 conv; the padded 3x3 conv would see shifted borders."""
+
+        def __init__(self):
+            super().__init__()
+            self.bn_in = nn.BatchNorm2d(3)
+            self.conv_in = nn.Conv2d(3, 16, 3, padding=0)
+            self.bn1 = nn.BatchNorm2d(16)
+            self.conv1 = nn.Conv2d(16, 16, 1)
+            self.bn2 = nn.BatchNorm2d(16)
+            self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):
+            y = torch.relu(self.conv_in(self.bn_in(x)))
+            return self.conv2(self.bn2(torch.relu(self.conv1(self.bn1(y)))))
+
+    class ConcatBN(nn.Module):
+        """BN after a concat: no linear neighbour, left in place (or Mul+Add)."""
+
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(3, 8, 1)
+            self.bn = nn.BatchNorm2d(16)
+
+        def forward(self, x):
+            return torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+
+    return [
+        ("conv->BN", ConvBN(), torch.randn(2, 3, 32, 32)),
+        ("grouped/depthwise conv->BN", GroupedDepthwise(), torch.randn(2, 8, 32, 32)),
+        ("convT->BN", ConvTransposeBN(), torch.randn(2, 8, 16, 16)),
+        ("Linear->BN1d", LinearBN1d(), torch.randn(4, 32)),
+        ("BN->conv (pre-activation)", PreActivation(), torch.randn(2, 3, 32, 32)),
+        ("concat->BN", ConcatBN(), torch.randn(2, 3, 32, 32)),
+    ]
+
+
+def _randomize_bn(module, generator) -> None:
+    """Give every BN non-trivial statistics: the default init would hide fold mistakes."""
+    import torch
+
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=generator))
+            m.running_var.copy_(torch.rand(c, generator=generator) * 2 + 0.25)
+            m.weight.data.copy_(torch.rand(c, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=generator) * 0.5)
+
+
+def run_demo(keep: Path | None = None) -> int:
+    """Export, fold and check the built-in networks; print a table; return the exit code."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise NormfoldError("the demo needs PyTorch: pip install 'normfold[torch]' (or run ./setup.sh)") from exc
+    from rich.console import Console
+    from rich.table import Table
+
+    from .commands import fold_bn_file
+    from .runtime import make_session
+
+    folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="normfold-demo-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    table = Table(title="normfold demo: fold-bn on exported PyTorch networks (TorchScript exporter, opset 17)")
+    for column in ("network", "BN before", "BN after", "nodes before", "nodes after", "max |diff|"):
+        table.add_column(column, justify="left" if column == "network" else "right")
+    worst = 0.0
+    left = []
+    for index, (name, module, example) in enumerate(_networks()):
+        module.eval()
+        with torch.no_grad():
+            _randomize_bn(module, generator)
+        source = folder / f"{index}_{name.split()[0].replace('->', '_').replace('/', '_')}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Constant folding off: otherwise the exporter itself folds conv->BN.
+            torch.onnx.export(module, (example,), str(source), dynamo=False, do_constant_folding=False,
+                              opset_version=17, input_names=["x"], output_names=["y"])
+        target = source.with_name(source.stem + ".folded.onnx")
+        summary = fold_bn_file(source, target, inplace=False, direction="both", standalone="keep")
+        feed = {"x": example.numpy()}
+        before = make_session(str(source)).run(None, feed)[0]
+        after = make_session(str(target)).run(None, feed)[0]
+        diff = float(np.max(np.abs(before - after)))
+        worst = max(worst, diff / max(1.0, float(np.max(np.abs(before)))))
+        left += [f"{name}: {skip.node}: {skip.reason}" for skip in summary.reports[0].skipped]
+        table.add_row(name, str(summary.ops_before["BatchNormalization"]), str(summary.ops_after["BatchNormalization"]),
+                      str(sum(summary.ops_before.values())), str(sum(summary.ops_after.values())), f"{diff:.1e}")
+    console = Console()
+    console.print(table)
+    if left:
+        console.print("BN left in place, and why:")
+        for line in left:
+            console.print(f"  - {line}", highlight=False)
+    console.print(f"models in {folder}" + ("" if keep else " (temporary; use --keep DIR to keep them)"))
+    if worst > 1e-5:
+        console.print(f"[red]folded models differ from the originals (relative error {worst:.1e})[/]")
+        return 1
+    console.print("all folded models match the originals (relative error <= 1e-5)")
+    return 0
