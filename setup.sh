@@ -5,18 +5,27 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${NORMFOLD_TORCH_SPEC:-torch==2.13.0}
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+pip_install() {
+    echo "setup.sh: pip install $*"
+    if ! .venv/bin/python -m pip --disable-pip-version-check install -q "$@" >"$log" 2>&1; then
+        grep -v "^WARNING: Location" "$log" >&2
+        echo "setup.sh: pip install $* failed" >&2
+        exit 1
+    fi
+}
 
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
-"${PIP[@]}" install --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+pip_install --upgrade pip
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-"${PIP[@]}" install "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
-"${PIP[@]}" install -e ".[test,bench]" 2>&1 | grep -v -e "^WARNING: Location" -e "BuildBackendWarning" || true
-.venv/bin/python -c "import normfold, torch, onnxruntime" || { echo "setup.sh: installing Python packages failed" >&2; exit 1; }
+pip_install "$TORCH_SPEC"
+pip_install -e ".[test,bench]"
 
 if [ -f custom_ops/build.sh ]; then
     bash custom_ops/build.sh || echo "setup.sh: warning: the custom-op library was not built; 'normfold doctor' says why" >&2
 fi
-echo "normfold is set up in .venv (run .venv/bin/normfold --help)"
+echo "setup.sh: normfold is set up in .venv (try .venv/bin/normfold --help)"
