@@ -42,48 +42,56 @@ def _grouped(s: np.ndarray, groups: int, rows: int) -> np.ndarray:
     return per_group[np.arange(rows) // (rows // groups)]
 
 
-def into_conv_output(w, b, s, t):
-    """Conv (any rank, groups, strides, pads) followed by BN:
-    `W'[o] = s_o W[o]`, `b' = s b + t` (b may be None)."""
-    w = np.asarray(w, dtype=np.float64)
-    b = np.zeros_like(s) if b is None else np.asarray(b, dtype=np.float64)
-    return w * _along(s, 0, w.ndim), s * b + t
+def output_bias(b, s, t):
+    """Bias of a linear layer followed by BN: `b' = s b + t` (b may be None).
+    For Gemm pass `t / β` as t, since Gemm scales C by β."""
+    b = 0.0 if b is None else np.asarray(b, dtype=np.float64)
+    return s * b + t
 
 
-def into_conv_transpose_output(w, b, s, t, groups: int):
-    """ConvTranspose with weight `W[I, O/g, k...]` followed by BN: output channel
-    `g*(O/g) + j` of input row i scales `W[i, j]`."""
+def scale_output_channels(w, s, axis: int):
+    """Weight of a layer followed by BN whose output channels lie on `axis` of
+    the weight: Conv `W[O, ...]` (axis 0), MatMul `W[K, N]` (axis 1), Gemm B
+    (axis 1, or 0 with transB): `W'[..., o, ...] = s_o W[..., o, ...]`."""
     w = np.asarray(w, dtype=np.float64)
-    b = np.zeros_like(s) if b is None else np.asarray(b, dtype=np.float64)
+    return w * _along(s, axis, w.ndim)
+
+
+def scale_conv_transpose_output(w, s, groups: int):
+    """ConvTranspose weight `W[I, O/g, k...]` followed by BN: output channel
+    `g*(O/g) + j` of input row i (in group g) scales `W[i, j]`."""
+    w = np.asarray(w, dtype=np.float64)
     factors = _grouped(s, groups, w.shape[0])  # [I, O/g]
-    return w * factors.reshape(factors.shape + (1,) * (w.ndim - 2)), s * b + t
+    return w * factors.reshape(factors.shape + (1,) * (w.ndim - 2))
 
 
-def into_conv_input(w, b, s, t, groups: int):
-    """BN followed by Conv with weight `W[O, I/g, k...]` (exact only without
-    padding, or with t = 0): `W'[o, i] = W[o, i] s_c`, `b'_o = b_o + Σ W[o, i, k] t_c`
-    with input channel `c = g*(I/g) + i` of output o's group g."""
+def _conv_input_factors(values, w_shape, groups: int):
+    """Per-(o, i) factors for Conv weight `W[O, I/g, k...]`: input channel
+    `c = g*(I/g) + i` of output o's group g."""
+    out_channels = w_shape[0]
+    return _grouped(values, groups, out_channels).reshape((out_channels, -1) + (1,) * (len(w_shape) - 2))
+
+
+def scale_conv_input(w, s, groups: int):
+    """BN followed by Conv `W[O, I/g, k...]`: `W'[o, i] = W[o, i] s_c`.
+    Exact only when the conv does not pad its input, or t = 0."""
     w = np.asarray(w, dtype=np.float64)
-    out_channels = w.shape[0]
-    b = np.zeros(out_channels) if b is None else np.asarray(b, dtype=np.float64)
-    spatial = (1,) * (w.ndim - 2)
-    s_rows = _grouped(s, groups, out_channels).reshape((out_channels, -1) + spatial)
-    t_rows = _grouped(t, groups, out_channels).reshape((out_channels, -1) + spatial)
-    shift = (w * t_rows).reshape(out_channels, -1).sum(axis=1)
-    return w * s_rows, b + shift
+    return w * _conv_input_factors(s, w.shape, groups)
 
 
-def into_matrix_output(w, bias, s, t, n_axis: int):
-    """Linear map `Y = X·W + bias` (or Gemm's B, with N on `n_axis`) followed by BN
-    on Y's last axis N: scale W along N, `bias' = s bias + t` (bias may be None)."""
+def conv_input_shift(w, t, groups: int):
+    """What BN's shift adds to each output of the following Conv: `Σ_{i,k} W[o, i, k] t_c`."""
     w = np.asarray(w, dtype=np.float64)
-    bias = 0.0 if bias is None else np.asarray(bias, dtype=np.float64)
-    return w * _along(s, n_axis, w.ndim), s * bias + t
+    return (w * _conv_input_factors(t, w.shape, groups)).reshape(w.shape[0], -1).sum(axis=1)
 
 
-def into_matrix_input(w, s, t, k_axis: int):
-    """BN on X's last axis K followed by `Y = X·W` (W's K on `k_axis`):
-    scale W along K; returns (W', t·W), the latter to be added to Y."""
+def scale_matrix_input(w, s, k_axis: int):
+    """BN on X's last axis K followed by `X·W` (K on `k_axis` of W): scale W along K."""
     w = np.asarray(w, dtype=np.float64)
-    w_kn = w if k_axis == 0 else w.T
-    return w * _along(s, k_axis, w.ndim), t @ w_kn
+    return w * _along(s, k_axis, w.ndim)
+
+
+def matrix_input_shift(w, t, k_axis: int):
+    """What BN's shift adds to each output of the following `X·W`: `t·W`."""
+    w = np.asarray(w, dtype=np.float64)
+    return t @ (w if k_axis == 0 else w.T)

@@ -20,9 +20,11 @@ from normfold.report import PassReport
 
 from . import bn_math
 from .graph_helpers import (
+    ConstantRef,
     NameScope,
     NotConstant,
     bypass,
+    constant_ref,
     constant_value,
     consumers,
     float_attr,
@@ -146,14 +148,19 @@ def _as_affine(graph: gs.Graph, node: gs.Node, opset: int) -> Affine:
     return Affine(node, s, t)
 
 
-def _weight(node: gs.Node, index: int, opset: int, what: str) -> np.ndarray | None:
-    """Constant input `index` of `node` (None when absent); Skip if not constant."""
+def _weight(node: gs.Node, index: int, opset: int, what: str) -> ConstantRef | None:
+    """Constant input `index` of `node` (None when absent), not yet loaded;
+    Skip if it is not constant."""
     if len(node.inputs) <= index or not node.inputs[index].name:
         return None
     try:
-        return constant_value(node.inputs[index], opset)
+        return constant_ref(node.inputs[index], opset)
     except NotConstant as why:
         raise Skip(f"{node.op} '{node.name}' {what} is not constant ({why})") from None
+
+
+def _load(ref: ConstantRef | None) -> np.ndarray | None:
+    return None if ref is None else ref.load()
 
 
 def _set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
@@ -162,8 +169,16 @@ def _set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
     node.inputs[index] = tensor
 
 
-def _cast(values: np.ndarray, like: np.ndarray | None, fallback) -> np.ndarray:
-    return values.astype(like.dtype if like is not None else fallback)
+def _replace_weight(node: gs.Node, index: int, names: NameScope, w: ConstantRef, scale) -> None:
+    """Input `index` of `node` becomes `scale(W)` in W's dtype, computed at export."""
+    like = node.inputs[index].name
+    node.inputs[index] = names.deferred_constant(like, lambda: scale(w.load()), w.shape, w.dtype)
+
+
+def _replace_bias(node: gs.Node, index: int, names: NameScope, values: np.ndarray, like: ConstantRef | None, dtype) -> None:
+    """Input `index` of `node` (added if absent) becomes `values` in the old bias's dtype."""
+    old = node.inputs[index].name if len(node.inputs) > index and node.inputs[index].name else f"{node.name}.bias"
+    _set_input(node, index, names.constant(old, values.astype(like.dtype if like is not None else dtype)))
 
 
 # --- backward: fold into the producer of x --------------------------------
@@ -184,55 +199,48 @@ def _fold_backward(graph: gs.Graph, bn: Affine, names: NameScope) -> str:
 
 
 def _backward_conv(graph, conv, bn, names) -> None:
-    opset = graph.opset
-    w = _weight(conv, 1, opset, "weight")
+    w = _weight(conv, 1, graph.opset, "weight")
     if w is None or w.shape[0] != bn.s.size:
         raise Skip(f"Conv '{conv.name}' weight does not have {bn.s.size} output channels")
-    b = _weight(conv, 2, opset, "bias")
-    w2, b2 = bn_math.into_conv_output(w, b, bn.s, bn.t)
-    _set_weights(conv, names, w2, _cast(b2, b, w.dtype), w)
+    b = _weight(conv, 2, graph.opset, "bias")
+    s = bn.s
+    _replace_weight(conv, 1, names, w, lambda values: bn_math.scale_output_channels(values, s, 0))
+    _replace_bias(conv, 2, names, bn_math.output_bias(_load(b), bn.s, bn.t), b, w.dtype)
 
 
 def _backward_conv_transpose(graph, conv, bn, names) -> None:
-    opset = graph.opset
-    w = _weight(conv, 1, opset, "weight")
+    w = _weight(conv, 1, graph.opset, "weight")
     groups = int_attr(conv, "group", 1)
-    if w is None or w.shape[1] * groups != bn.s.size:
+    if w is None or w.ndim < 2 or w.shape[1] * groups != bn.s.size:
         raise Skip(f"ConvTranspose '{conv.name}' weight does not have {bn.s.size} output channels")
-    b = _weight(conv, 2, opset, "bias")
-    w2, b2 = bn_math.into_conv_transpose_output(w, b, bn.s, bn.t, groups)
-    _set_weights(conv, names, w2, _cast(b2, b, w.dtype), w)
-
-
-def _set_weights(node, names, w2, b2, w) -> None:
-    node.inputs[1] = names.constant(node.inputs[1].name, w2.astype(w.dtype))
-    _set_input(node, 2, names.constant(f"{node.name or node.outputs[0].name}.bias", b2))
+    b = _weight(conv, 2, graph.opset, "bias")
+    s = bn.s
+    _replace_weight(conv, 1, names, w, lambda values: bn_math.scale_conv_transpose_output(values, s, groups))
+    _replace_bias(conv, 2, names, bn_math.output_bias(_load(b), bn.s, bn.t), b, w.dtype)
 
 
 def _backward_gemm(graph, gemm, bn, names) -> None:
-    opset = graph.opset
-    b = _weight(gemm, 1, opset, "B")
+    b = _weight(gemm, 1, graph.opset, "B")
     if b is None or b.ndim != 2:
         raise Skip(f"Gemm '{gemm.name}' B is not a 2-D constant")
     n_axis = 0 if int_attr(gemm, "transB", 0) else 1
     if b.shape[n_axis] != bn.s.size:
         raise Skip(f"Gemm '{gemm.name}' has {b.shape[n_axis]} outputs but BN has {bn.s.size} channels")
-    c = _weight(gemm, 2, opset, "C")
+    c = _weight(gemm, 2, graph.opset, "C")
     beta = float_attr(gemm, "beta", 1.0)
     if c is None or beta == 0.0:
         c, beta = None, 1.0
-    b2, _ = bn_math.into_matrix_output(b, None, bn.s, bn.t, n_axis)
-    _, c2 = bn_math.into_matrix_output(b, c, bn.s, bn.t / beta, n_axis)
-    gemm.inputs[1] = names.constant(gemm.inputs[1].name, b2.astype(b.dtype))
-    _set_input(gemm, 2, names.constant(f"{gemm.name}.C", _cast(c2, c, b.dtype)))
+    s = bn.s
+    _replace_weight(gemm, 1, names, b, lambda values: bn_math.scale_output_channels(values, s, n_axis))
+    _replace_bias(gemm, 2, names, bn_math.output_bias(_load(c), bn.s, bn.t / beta), c, b.dtype)
     gemm.attrs["beta"] = beta
 
 
 def _backward_matmul(graph, matmul, bn, names) -> None:
     w = _matmul_weight(graph, matmul, bn.x)
-    w2, bias = bn_math.into_matrix_output(w, None, bn.s, bn.t, 1)
-    matmul.inputs[1] = names.constant(matmul.inputs[1].name, w2.astype(w.dtype))
-    _append_bias(graph, matmul, bias.astype(w.dtype), names)
+    s = bn.s
+    _replace_weight(matmul, 1, names, w, lambda values: bn_math.scale_output_channels(values, s, 1))
+    _append_bias(graph, matmul, bn.t.astype(w.dtype), names)
 
 
 def _backward_matmul_add(graph, add, bn, names) -> None:
@@ -243,12 +251,13 @@ def _backward_matmul_add(graph, add, bn, names) -> None:
     if not only_consumer_is(graph, matmul.outputs[0], add):
         raise Skip(f"output of MatMul '{matmul.name}' is also used elsewhere")
     w = _matmul_weight(graph, matmul, bn.x)
-    bias = _weight(add, bias_index, graph.opset, "bias")
-    if bias.ndim > 1 and any(d != 1 for d in bias.shape[:-1]) or bias.shape[-1:] not in ((w.shape[1],), (1,), ()):
+    bias_ref = _weight(add, bias_index, graph.opset, "bias")
+    bias = bias_ref.load()
+    if bias.size not in (1, w.shape[1]) or any(d != 1 for d in bias.shape[:-1]):
         raise Skip(f"Add '{add.name}' bias of shape {bias.shape} is not a per-output bias")
-    w2, bias2 = bn_math.into_matrix_output(w, bias.reshape(-1), bn.s, bn.t, 1)
-    matmul.inputs[1] = names.constant(matmul.inputs[1].name, w2.astype(w.dtype))
-    add.inputs[bias_index] = names.constant(add.inputs[bias_index].name, bias2.astype(bias.dtype))
+    s = bn.s
+    _replace_weight(matmul, 1, names, w, lambda values: bn_math.scale_output_channels(values, s, 1))
+    _replace_bias(add, bias_index, names, bn_math.output_bias(bias.reshape(-1), bn.s, bn.t), bias_ref, w.dtype)
 
 
 def _matmul_feeding(add: gs.Node) -> tuple[gs.Node | None, int]:
@@ -260,7 +269,7 @@ def _matmul_feeding(add: gs.Node) -> tuple[gs.Node | None, int]:
     return None, 0
 
 
-def _matmul_weight(graph: gs.Graph, matmul: gs.Node, y: gs.Tensor) -> np.ndarray:
+def _matmul_weight(graph: gs.Graph, matmul: gs.Node, y: gs.Tensor) -> ConstantRef:
     """The constant 2-D weight of a MatMul whose (possibly biased) output `y` is
     2-D, so that BN's channel axis 1 is the MatMul's output axis."""
     w = _weight(matmul, 1, graph.opset, "weight")
@@ -322,7 +331,7 @@ def _fold_forward(graph: gs.Graph, bn: Affine, names: NameScope) -> str:
 def _forward_conv(graph, conv, bn, names):
     w = _weight(conv, 1, graph.opset, "weight")
     groups = int_attr(conv, "group", 1)
-    if w is None or w.shape[1] * groups != bn.s.size:
+    if w is None or w.ndim < 2 or w.shape[1] * groups != bn.s.size:
         raise Skip(f"Conv '{conv.name}' weight does not have {bn.s.size} input channels")
     if _pads_input(conv) and np.any(bn.t != 0):
         raise Skip(
@@ -330,8 +339,14 @@ def _forward_conv(graph, conv, bn, names):
             "would change the border values"
         )
     b = _weight(conv, 2, graph.opset, "bias")
-    w2, b2 = bn_math.into_conv_input(w, b, bn.s, bn.t, groups)
-    return lambda: _set_weights(conv, names, w2, _cast(b2, b, w.dtype), w)
+    s = bn.s
+    bias = bn_math.output_bias(_load(b), 1.0, bn_math.conv_input_shift(w.load(), bn.t, groups))
+
+    def update():
+        _replace_weight(conv, 1, names, w, lambda values: bn_math.scale_conv_input(values, s, groups))
+        _replace_bias(conv, 2, names, bias, b, w.dtype)
+
+    return update
 
 
 def _pads_input(conv: gs.Node) -> bool:
@@ -353,15 +368,16 @@ def _forward_gemm(graph, gemm, bn, names):
         raise Skip(f"Gemm '{gemm.name}' B is not a constant with {bn.s.size} rows of K")
     c = _weight(gemm, 2, graph.opset, "C")
     alpha, beta = float_attr(gemm, "alpha", 1.0), float_attr(gemm, "beta", 1.0)
-    b2, shift = bn_math.into_matrix_input(b, bn.s, bn.t, k_axis)
+    shift = bn_math.matrix_input_shift(b.load(), bn.t, k_axis)
     if c is None or beta == 0.0:
-        c2, beta = alpha * shift, 1.0
+        c, c2, beta = None, alpha * shift, 1.0
     else:
-        c2 = np.asarray(c, dtype=np.float64) + (alpha / beta) * shift
+        c2 = np.asarray(c.load(), dtype=np.float64) + (alpha / beta) * shift
+    s = bn.s
 
     def update():
-        gemm.inputs[1] = names.constant(gemm.inputs[1].name, b2.astype(b.dtype))
-        _set_input(gemm, 2, names.constant(f"{gemm.name}.C", _cast(c2, c, b.dtype)))
+        _replace_weight(gemm, 1, names, b, lambda values: bn_math.scale_matrix_input(values, s, k_axis))
+        _replace_bias(gemm, 2, names, c2, c, b.dtype)
         gemm.attrs["beta"] = beta
 
     return update
@@ -371,10 +387,11 @@ def _forward_matmul(graph, matmul, bn, names):
     w = _matmul_weight(graph, matmul, bn.y)
     if w.shape[0] != bn.s.size:
         raise Skip(f"MatMul '{matmul.name}' weight does not have {bn.s.size} rows")
-    w2, shift = bn_math.into_matrix_input(w, bn.s, bn.t, 0)
+    shift = bn_math.matrix_input_shift(w.load(), bn.t, 0)
+    s = bn.s
 
     def update():
-        matmul.inputs[1] = names.constant(matmul.inputs[1].name, w2.astype(w.dtype))
+        _replace_weight(matmul, 1, names, w, lambda values: bn_math.scale_matrix_input(values, s, 0))
         _append_bias(graph, matmul, shift.astype(w.dtype), names)
 
     return update

@@ -3,7 +3,8 @@ consumers of, constant value of, new constant, rewire, subgraphs of."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -71,9 +72,59 @@ def constant_value(tensor: gs.Tensor | None, opset: int) -> np.ndarray:
 
 
 def _array(constant: gs.Constant) -> np.ndarray:
-    if isinstance(constant._values, LazyValues):  # read the TensorProto directly (keeps bf16 exact)
-        return numpy_helper.to_array(constant._values.tensor)
-    return np.asarray(constant.values)
+    values = constant._values
+    if isinstance(values, DeferredValues):
+        return values.load()
+    if isinstance(values, LazyValues):  # read the TensorProto directly (keeps bf16 exact)
+        return numpy_helper.to_array(values.tensor)
+    return np.asarray(values)
+
+
+class DeferredValues(LazyValues):
+    """Values of a new constant, computed from other constants when they are
+    exported, so a pass over a big model holds no second copy of the weights
+    it rewrites."""
+
+    def __init__(self, compute: Callable[[], np.ndarray], shape, dtype):
+        self._compute = compute
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def load(self) -> np.ndarray:
+        values = self._compute().astype(self.dtype, copy=False)
+        if values.shape != self.shape:
+            raise AssertionError(f"deferred constant computed shape {values.shape}, expected {self.shape}")
+        return values
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        return numpy_helper.from_array(self.load())
+
+
+@dataclass
+class ConstantRef:
+    """A constant input known by shape and dtype, loaded only on `load()`."""
+
+    shape: tuple
+    dtype: np.dtype
+    load: Callable[[], np.ndarray]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def constant_ref(tensor: gs.Tensor, opset: int) -> ConstantRef:
+    """Like `constant_value`, but initializers are not read until `load()`."""
+    if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues):
+        values = tensor._values
+        dtype = values.dtype
+        if not isinstance(dtype, np.dtype):
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(int(dtype)) if isinstance(dtype, int) else np.dtype(dtype)
+        return ConstantRef(tuple(values.shape), dtype, lambda: _array(tensor))
+    value = constant_value(tensor, opset)
+    return ConstantRef(value.shape, value.dtype, lambda: value)
 
 
 def _constant_node_value(node: gs.Node) -> np.ndarray:
@@ -151,6 +202,10 @@ class NameScope:
     def constant(self, like: str, values: np.ndarray) -> gs.Constant:
         """A new constant holding `values`, named after the tensor `like`."""
         return gs.Constant(self.fresh(f"{like}_folded"), np.ascontiguousarray(values))
+
+    def deferred_constant(self, like: str, compute: Callable[[], np.ndarray], shape, dtype) -> gs.Constant:
+        """A new constant named after `like` whose values `compute()` gives when exported."""
+        return gs.Constant(self.fresh(f"{like}_folded"), DeferredValues(compute, shape, dtype))
 
     def variable(self, like: str, dtype=None, shape=None) -> gs.Variable:
         """A new intermediate tensor named after `like`."""
