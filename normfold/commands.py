@@ -6,9 +6,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .graph import count_ops
+from .graph import count_ops, export_detached, import_graph
 from .model_io import load_model, save_model
-from .pipeline import fold_bn
+from .pipeline import GraphPass
 from .report import PassReport
 
 
@@ -42,14 +42,24 @@ class RunSummary:
 
 def fold_bn_file(model_path: Path, out: Path, *, inplace: bool, direction: str, standalone: str) -> RunSummary:
     """`normfold fold-bn` on files: fold, write atomically, summarise."""
+    from .passes.fold_bn import fold_bn
+
+    return rewrite_file(model_path, out, inplace, [(fold_bn, {"direction": direction, "standalone": standalone})])
+
+
+def rewrite_file(model_path: Path, out: Path, inplace: bool, passes: list[tuple[GraphPass, dict]]) -> RunSummary:
+    """Load `model_path`, apply `passes` in order, write `out`, summarise. Weights
+    no pass changed are never copied in memory."""
     loaded = load_model(model_path)
-    folded, report = fold_bn(loaded.model, direction=direction, standalone=standalone)
+    graph = import_graph(loaded.model)
+    reports = [graph_pass(graph, **options) for graph_pass, options in passes]
+    model, detached = export_detached(graph, like=loaded.model)
     written = save_model(
-        folded, out, source=loaded.path, inplace=inplace,
-        external_data=True if loaded.had_external_data else None,
+        model, out, source=loaded.path, protect=loaded.external_files, inplace=inplace,
+        external_data=True if loaded.had_external_data else None, detached=detached,
     )
     return RunSummary(
         input=model_path, output=out,
-        ops_before=count_ops(loaded.model.graph), ops_after=count_ops(folded.graph),
-        bytes_before=loaded.file_bytes, bytes_after=written, reports=[report],
+        ops_before=count_ops(loaded.model.graph), ops_after=count_ops(model.graph),
+        bytes_before=loaded.file_bytes, bytes_after=written, reports=reports,
     )

@@ -12,9 +12,13 @@ from collections import Counter
 
 import onnx
 import onnx.shape_inference
+import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .model_io import copy_model_fields, skeleton
+from .model_io import LARGE_TENSOR_ELEMENTS, DetachedTensor, copy_model_fields, skeleton
+from .passes.graph_helpers import DeferredValues
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -52,6 +56,51 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     copy_model_fields(like, exported, skip=("graph", "opset_import", "functions"))
     exported.opset_import.extend(opsets)
     return exported
+
+
+def export_detached(graph: gs.Graph, like: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, DetachedTensor]]:
+    """Like `export_model`, but large main-graph initializers are exported as
+    data-less placeholders whose data `save_model` loads one at a time: no copy
+    of the weights is made in memory."""
+    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True)
+    detached: dict[str, DetachedTensor] = {}
+    swapped: list[tuple[gs.Constant, object]] = []
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant) or _elements(tensor.shape) <= LARGE_TENSOR_ELEMENTS:
+            continue
+        values = tensor._values
+        placeholder = onnx.TensorProto(name=tensor.name, dims=tensor.shape, data_type=_onnx_dtype(values))
+        detached[tensor.name] = DetachedTensor(nbytes=_nbytes(values), load=_loader(values))
+        swapped.append((tensor, values))
+        tensor._values = LazyValues(placeholder)
+    try:
+        return export_model(graph, like), detached
+    finally:
+        for tensor, values in swapped:
+            tensor._values = values
+
+
+def _elements(shape) -> int:
+    count = 1
+    for d in shape:
+        count *= int(d)
+    return count
+
+
+def _onnx_dtype(values) -> int:
+    if isinstance(values, LazyValues) and not isinstance(values, DeferredValues):
+        return values.tensor.data_type
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(values.dtype))
+
+
+def _nbytes(values) -> int:
+    return int(values.nbytes)
+
+
+def _loader(values):
+    if isinstance(values, LazyValues):
+        return lambda: values.tensor  # the original TensorProto, or computed for DeferredValues
+    return lambda: numpy_helper.from_array(np.asarray(values))
 
 
 def _restrict_value_info(graph: onnx.GraphProto, keep: set[str]) -> None:

@@ -12,11 +12,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Mapping
 
 import google.protobuf.message
 import onnx
 import onnx.checker
 import onnx.defs
+import onnx.numpy_helper
 import onnx.shape_inference
 from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
 
@@ -25,6 +27,20 @@ from .errors import NormfoldError
 PROTOBUF_LIMIT = 2**31 - 1
 # Tensors at least this big go to the external-data file when saving externally.
 EXTERNAL_THRESHOLD_BYTES = 1024
+# Initializers with more elements than this are "large": skeleton() replaces them
+# by typed graph inputs, and they may be kept out of memory until written.
+LARGE_TENSOR_ELEMENTS = 1024
+_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+@dataclass
+class DetachedTensor:
+    """Data of a large initializer kept out of the in-memory model until it is
+    written: the model holds a data-less placeholder of the same name."""
+
+    nbytes: int
+    load: Callable[[], onnx.TensorProto]
 
 
 @dataclass
@@ -35,6 +51,7 @@ class LoadedModel:
     path: Path
     had_external_data: bool
     file_bytes: int  # size of the .onnx file plus its external-data files
+    external_files: tuple[Path, ...] = ()
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
@@ -45,18 +62,15 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if path.is_dir():
         raise NormfoldError(f"{path}: is a folder; give the path of an .onnx file")
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            model = _parse_model(f, path.stat().st_size)
     except OSError as exc:
         raise NormfoldError(f"{path}: cannot read the file ({exc.strerror})") from exc
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(data)
     except (google.protobuf.message.DecodeError, ValueError, RuntimeError) as exc:
         raise NormfoldError(
             f"{path}: not an ONNX model (the protobuf does not parse: the file is truncated, "
             "corrupted or of another format); re-export or re-download it"
         ) from exc
-    del data
     if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
         raise NormfoldError(
             f"{path}: not an ONNX model (no IR version, graph or opset; the file may be truncated "
@@ -64,11 +78,82 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         )
     _check_versions(model, path)
     external = _external_tensors(model)
-    total = path.stat().st_size + _check_external_files(external, path)
+    files = _check_external_files(external, path)
     if external:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     _check_valid(model, path)
-    return LoadedModel(model=model, path=path, had_external_data=bool(external), file_bytes=total)
+    return LoadedModel(
+        model=model, path=path, had_external_data=bool(external),
+        file_bytes=path.stat().st_size + sum(files.values()), external_files=tuple(files),
+    )
+
+
+def _parse_model(f: BinaryIO, size: int) -> onnx.ModelProto:
+    """Parse a ModelProto record by record, so that peak memory is the model plus
+    one initializer (reading the whole file first would double it). Each
+    top-level record and each record of the graph is merged in on its own:
+    protobuf defines a message as the merge of its records."""
+    model = onnx.ModelProto()
+    for field, wire, start, header, length in _records(f, 0, size):
+        if field == _GRAPH_FIELD and wire == 2:
+            for sub_field, sub_wire, sub_start, sub_header, sub_length in _records(f, start + header, start + header + length):
+                f.seek(sub_start)
+                if sub_field == _INITIALIZER_FIELD and sub_wire == 2:
+                    f.seek(sub_start + sub_header)
+                    model.graph.initializer.add().ParseFromString(_read(f, sub_length))
+                else:
+                    model.graph.MergeFromString(_read(f, sub_header + sub_length))
+        else:
+            f.seek(start)
+            model.MergeFromString(_read(f, header + length))
+    return model
+
+
+def _read(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise google.protobuf.message.DecodeError("truncated")
+    return data
+
+
+def _records(f: BinaryIO, begin: int, end: int):
+    """(field number, wire type, start, header length, payload length) of each
+    protobuf record between offsets `begin` and `end` of `f`."""
+    position = begin
+    while position < end:
+        f.seek(position)
+        key, key_length = _read_varint(f)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, length = _read_varint(f)
+            header, length = key_length, length
+        elif wire == 1:
+            header, length = key_length, 8
+        elif wire == 5:
+            header, length = key_length, 4
+        elif wire == 2:
+            length, length_bytes = _read_varint(f)
+            header = key_length + length_bytes
+        else:
+            raise google.protobuf.message.DecodeError(f"unsupported wire type {wire}")
+        if field == 0 or position + header + length > end:
+            raise google.protobuf.message.DecodeError("truncated or corrupt record")
+        yield field, wire, position, header, length
+        position += header + length
+
+
+def _read_varint(f: BinaryIO) -> tuple[int, int]:
+    """(value, number of bytes) of the varint at the current position."""
+    value = shift = 0
+    for count in range(1, 11):
+        byte = f.read(1)
+        if not byte:
+            raise google.protobuf.message.DecodeError("truncated varint")
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value, count
+        shift += 7
+    raise google.protobuf.message.DecodeError("varint too long")
 
 
 def _check_versions(model: onnx.ModelProto, path: Path) -> None:
@@ -96,9 +181,9 @@ def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     ]
 
 
-def _check_external_files(tensors: list[onnx.TensorProto], path: Path) -> int:
+def _check_external_files(tensors: list[onnx.TensorProto], path: Path) -> dict[Path, int]:
     """Validate every external-data reference before anything is read; return the
-    total size of the referenced files."""
+    referenced files and their sizes."""
     base = path.parent.resolve()
     sizes: dict[Path, int] = {}
     for tensor in tensors:
@@ -130,7 +215,7 @@ def _check_external_files(tensors: list[onnx.TensorProto], path: Path) -> int:
                 f"{path}: external data file '{location}' is truncated ({sizes[target]} bytes, "
                 f"tensor '{tensor.name}' needs bytes up to {end}); copy the complete file again"
             )
-    return sum(sizes.values())
+    return sizes
 
 
 def _check_valid(model: onnx.ModelProto, path: Path) -> None:
@@ -144,7 +229,7 @@ def _check_valid(model: onnx.ModelProto, path: Path) -> None:
         ) from exc
 
 
-def skeleton(model: onnx.ModelProto, max_elements: int = 1024) -> onnx.ModelProto:
+def skeleton(model: onnx.ModelProto, max_elements: int = LARGE_TENSOR_ELEMENTS) -> onnx.ModelProto:
     """A copy of `model` without its large weights, for the checker and shape
     inference: each main-graph initializer over `max_elements` elements becomes a
     graph input of the same type and shape. Cheap even for multi-GB models."""
@@ -205,16 +290,21 @@ def save_model(
     out: str | os.PathLike,
     *,
     source: Path | None = None,
+    protect: Iterable[Path] = (),
     inplace: bool = False,
     external_data: bool | None = None,
     check: bool = True,
+    detached: Mapping[str, DetachedTensor] | None = None,
 ) -> int:
     """Check `model`, then write it to `out` atomically and return the bytes written.
 
-    `source` is the input path: writing over it (or its external-data file) is
-    refused unless `inplace`. `external_data=None` keeps weights external when the
-    input had them or the model is over 2 GB; the data goes to `<out name>.data`.
+    `source` is the input path and `protect` its external-data files: writing
+    over any of them is refused unless `inplace`.
+    `external_data=None` stores weights externally (in `<out name>.data`) only
+    when the model is over 2 GB. `detached` supplies the data of placeholder
+    initializers, loaded one at a time while writing.
     """
+    detached = detached or {}
     out = Path(out)
     if source is not None and not inplace and _same_file(out, source):
         raise NormfoldError(
@@ -229,10 +319,16 @@ def save_model(
     if check:
         check_output(model)
     if external_data is None:
-        external_data = model_bytes(model) > PROTOBUF_LIMIT
+        external_data = model_bytes(model) + sum(d.nbytes for d in detached.values()) > PROTOBUF_LIMIT
     if external_data:
-        return _write_external(model, out)
-    return _write_atomic(out, model.SerializeToString())
+        data_file = out.parent / (out.name + ".data")
+        if not inplace and any(_same_file(data_file, p) for p in protect):
+            raise NormfoldError(
+                f"{out}: its weights file {data_file.name} would overwrite the input's external "
+                "data; choose another -o name"
+            )
+        return _write_external(model, out, detached)
+    return _write_single(model, out, detached)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -251,12 +347,15 @@ def _temp_file(folder: Path, name: str) -> tuple[int, str]:
         ) from exc
 
 
-def _write_atomic(out: Path, payload: bytes) -> int:
+def _write_atomic(out: Path, chunks: Iterable[bytes]) -> int:
     folder = out.parent if str(out.parent) else Path(".")
     fd, tmp = _temp_file(folder, out.name)
+    written = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            for chunk in chunks:
+                f.write(chunk)
+                written += len(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -264,29 +363,66 @@ def _write_atomic(out: Path, payload: bytes) -> int:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return len(payload)
+    return written
 
 
-def _write_external(model: onnx.ModelProto, out: Path) -> int:
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _write_single(model: onnx.ModelProto, out: Path, detached: Mapping[str, DetachedTensor]) -> int:
+    """One .onnx file. Detached initializers are appended one at a time, each as
+    its own `graph { initializer }` record: protobuf parsers merge repeated
+    occurrences of a message field, so the file reads as one graph."""
+    if not detached:
+        return _write_atomic(out, [model.SerializeToString()])
+    head = onnx.ModelProto()
+    head.CopyFrom(model)  # cheap: placeholders hold no data
+    kept = [t for t in model.graph.initializer if t.name not in detached]
+    del head.graph.initializer[:]
+    head.graph.initializer.extend(kept)
+
+    def records():
+        yield head.SerializeToString()
+        for name, tensor in detached.items():
+            proto = tensor.load()
+            proto.name = name
+            body = proto.SerializeToString()
+            inner = _varint(_INITIALIZER_FIELD << 3 | 2) + _varint(len(body))
+            yield _varint(_GRAPH_FIELD << 3 | 2) + _varint(len(inner) + len(body)) + inner
+            yield body
+
+    return _write_atomic(out, records())
+
+
+def _write_external(model: onnx.ModelProto, out: Path, detached: Mapping[str, DetachedTensor]) -> int:
     """Write large tensors to `<out>.data` and the graph to `out`, each atomically.
     The in-memory model is left as it was."""
     location = out.name + ".data"
     folder = out.parent if str(out.parent) else Path(".")
-    moved: list[tuple[onnx.TensorProto, bytes]] = []
+    restore: list[tuple[onnx.TensorProto, bytes | None]] = []
     fd, tmp_data = _temp_file(folder, location)
     try:
         offset = 0
         with os.fdopen(fd, "wb") as f:
             for tensor in _get_all_tensors(model):
-                if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_THRESHOLD_BYTES:
+                if tensor.name in detached and tensor.data_location != onnx.TensorProto.EXTERNAL:
+                    raw, kept = _raw_bytes(detached[tensor.name].load()), None
+                elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD_BYTES:
+                    raw = kept = tensor.raw_data
+                    tensor.ClearField("raw_data")
+                else:
                     continue
+                restore.append((tensor, kept))
                 pad = (-offset) % 4096
                 f.write(b"\0" * pad)
                 offset += pad
-                raw = tensor.raw_data
                 f.write(raw)
-                moved.append((tensor, raw))
-                tensor.ClearField("raw_data")
                 tensor.data_location = onnx.TensorProto.EXTERNAL
                 del tensor.external_data[:]
                 for key, value in (("location", location), ("offset", offset), ("length", len(raw))):
@@ -297,13 +433,20 @@ def _write_external(model: onnx.ModelProto, out: Path) -> int:
             os.fsync(f.fileno())
         os.chmod(tmp_data, 0o644)
         os.replace(tmp_data, folder / location)
-        written = offset + _write_atomic(out, model.SerializeToString())
+        written = offset + _write_atomic(out, [model.SerializeToString()])
     except BaseException:
         Path(tmp_data).unlink(missing_ok=True)
         raise
     finally:
-        for tensor, raw in moved:
+        for tensor, raw in restore:
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = raw
+            if raw is not None:
+                tensor.raw_data = raw
     return written
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor)).raw_data
