@@ -1,0 +1,148 @@
+// LayerNorm(X, scale, bias?) -> Y with the semantics of torch.nn.LayerNorm / F.layer_norm.
+// Attributes: axis = -1, epsilon = 1e-5, channel_first = 0.
+//   channel_first = 0: normalize over axes [axis, rank) (like ONNX LayerNormalization);
+//                      scale/bias have prod(X.shape[axis:]) elements.
+//   channel_first = 1: X is N x C x spatial; normalize over C (axis 1) alone for every (n, position),
+//                      as ConvNeXt's LayerNorm2d; scale/bias have C elements. `axis`, if set, must be 1.
+#include "norm_common.h"
+
+namespace normfold {
+namespace {
+
+struct LayerNormAttrs {
+  int64_t axis;
+  float epsilon;
+  bool channel_first;
+
+  explicit LayerNormAttrs(const OrtKernelInfo* info)
+      : axis(attribute<int64_t>(info, "axis").value_or(-1)),
+        epsilon(attribute<float>(info, "epsilon").value_or(1e-5f)),
+        channel_first(attribute<int64_t>(info, "channel_first").value_or(0) != 0) {
+    if (epsilon < 0) fail("LayerNorm: epsilon must be >= 0");
+    if (channel_first && attribute<int64_t>(info, "axis").value_or(1) != 1)
+      fail("LayerNorm: with channel_first=1 the normalized axis is 1; axis=" + std::to_string(axis) + " contradicts it");
+  }
+
+  /// First normalized axis for an input of rank `rank` (the last-axes form), or -1 if out of range.
+  int64_t first_axis(size_t rank) const {
+    const int64_t a = axis < 0 ? axis + int64_t(rank) : axis;
+    return a >= 0 && a < int64_t(rank) ? a : -1;
+  }
+
+  /// Elements each of scale and bias must have for input shape x (-1 when unknown).
+  int64_t param_count(const Shape& x) const { return channel_first ? x[1] : numel(x, size_t(first_axis(x.size()))); }
+
+  /// "" or why these input shapes do not fit (unknown dims are not checked).
+  std::string check(const Shape& x, const Shape& scale, const std::optional<Shape>& bias) const {
+    if (channel_first && x.size() < 2) return "LayerNorm: channel_first=1 needs X of rank >= 2, got shape " + str(x);
+    if (!channel_first && first_axis(x.size()) < 0)
+      return "LayerNorm: axis=" + std::to_string(axis) + " is out of range for X of shape " + str(x);
+    const std::string e = check_count("LayerNorm", "scale", scale, param_count(x));
+    return e.empty() && bias ? check_count("LayerNorm", "bias", *bias, param_count(x)) : e;
+  }
+};
+
+template <class T>
+struct LayerNorm {
+  using A = Acc<T>;
+  using Tensor = Ort::Custom::Tensor<T>;
+  LayerNormAttrs attrs;
+
+  LayerNorm(const OrtApi*, const OrtKernelInfo* info) : attrs(info) {
+    if (auto x = static_shape(info, 0)) {
+      const std::string e = attrs.check(*x, static_shape(info, 1).value_or(Shape{-1}), static_shape(info, 2));
+      if (!e.empty()) fail(e);
+    }
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor& X, const Tensor& scale, std::optional<const Tensor*> bias,
+                      Tensor& Y) {
+    const Shape& shape = X.Shape();
+    std::optional<Shape> bias_shape;
+    if (bias) bias_shape = (*bias)->Shape();
+    if (auto e = attrs.check(shape, scale.Shape(), bias_shape); !e.empty()) return status_of(e);
+    const int64_t count = attrs.param_count(shape);
+    std::vector<A> gamma_values, beta_values;  // converted copies, fp16/bf16 only
+    const A* gamma = acc_values(scale.Data(), count, gamma_values);
+    if (!bias) beta_values.assign(size_t(count), A(0));  // no bias: a row of zeros
+    const A* beta = bias ? acc_values((*bias)->Data(), count, beta_values) : beta_values.data();
+    T* y = Y.Allocate(shape);
+    if (attrs.channel_first) {
+      channel_first(ctx, X.Data(), y, shape[0], shape[1], numel(shape, 2), gamma, beta);
+    } else {
+      last_axes(ctx, X.Data(), y, numel(shape) / std::max<int64_t>(count, 1), count, gamma, beta);
+    }
+    return Ort::Status{nullptr};
+  }
+
+  /// Rows of d contiguous elements, each normalized on its own.
+  void last_axes(OrtKernelContext* ctx, const T* x, T* y, int64_t rows, int64_t d, const A* gamma, const A* beta) {
+    for_instances(
+        ctx, rows, d, [&](int64_t i, int64_t lo, int64_t hi) { return moments(x + i * d + lo, hi - lo); },
+        [&](int64_t i, int64_t lo, int64_t hi, const Moments& m) {
+          const double rstd = 1.0 / std::sqrt(m.variance() + attrs.epsilon);
+          const SplitMean<A> mean(m.mean);
+          const A r = A(rstd), offset = A(-mean.lo * rstd);
+          map_blocks(x + i * d + lo, y + i * d + lo, hi - lo, [&](const A* in, A* out, int64_t len, int64_t off) {
+            const A *g = gamma + lo + off, *b = beta + lo + off;
+#pragma omp simd
+            for (int64_t k = 0; k < len; ++k) out[k] = ((in[k] - mean.hi) * r + offset) * g[k] + b[k];
+          });
+        });
+  }
+
+  /// N x C x S, statistics over C for every (n, position). A task takes a block of positions of one
+  /// sample and reads it channel row by channel row (contiguous), three times while it is in L2.
+  void channel_first(OrtKernelContext* ctx, const T* x, T* y, int64_t n, int64_t c, int64_t s, const A* gamma,
+                     const A* beta) {
+    constexpr int64_t kMaxBlock = 512;
+    const int64_t width = std::min(std::clamp<int64_t>((64 * 1024 / std::max<int64_t>(c, 1)) / 16 * 16, 16, kMaxBlock), s);
+    if (width <= 0 || c <= 0) return;
+    const int64_t blocks = (s + width - 1) / width;
+    parallel_for(ctx, n * blocks, [&](int64_t t) {
+      const int64_t start = (t % blocks) * width, len = std::min(width, s - start);
+      const T* xb = x + (t / blocks) * c * s + start;
+      T* yb = y + (t / blocks) * c * s + start;
+      alignas(64) A buf[kMaxBlock], shift[kMaxBlock], dsum[kMaxBlock], sq[kMaxBlock], rstd[kMaxBlock], offset[kMaxBlock];
+      std::fill(shift, shift + len, A(0));
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const A* row = as_acc(xb + ch * s, buf, len);
+#pragma omp simd
+        for (int64_t k = 0; k < len; ++k) shift[k] += row[k];
+      }
+      for (int64_t k = 0; k < len; ++k) shift[k] /= A(c);
+      std::fill(dsum, dsum + len, A(0));
+      std::fill(sq, sq + len, A(0));
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const A* row = as_acc(xb + ch * s, buf, len);
+#pragma omp simd
+        for (int64_t k = 0; k < len; ++k) {
+          const A d = row[k] - shift[k];
+          dsum[k] += d;
+          sq[k] += d * d;
+        }
+      }
+      for (int64_t k = 0; k < len; ++k) {  // corrected two-pass: exact mean = shift + dsum / c
+        const double dm = double(dsum[k]) / c, var = std::max(0.0, double(sq[k]) / c - dm * dm);
+        const double r = 1.0 / std::sqrt(var + attrs.epsilon);
+        const SplitMean<A> mean(double(shift[k]) + dm);
+        shift[k] = mean.hi;
+        rstd[k] = A(r);
+        offset[k] = A(-mean.lo * r);
+      }
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const A g = gamma[ch], b = beta[ch];
+        map_blocks(xb + ch * s, yb + ch * s, len, [&](const A* in, A* out, int64_t m, int64_t) {
+#pragma omp simd
+          for (int64_t k = 0; k < m; ++k) out[k] = ((in[k] - shift[k]) * rstd[k] + offset[k]) * g + b;
+        });
+      }
+    });
+  }
+};
+
+}  // namespace
+
+void add_layer_norm(OpList& ops) { add_cpu_kernels<LayerNorm>(ops, "LayerNorm"); }
+
+}  // namespace normfold
