@@ -163,6 +163,11 @@ def _load(ref: ConstantRef | None) -> np.ndarray | None:
     return None if ref is None else ref.load()
 
 
+def _label(node: gs.Node) -> str:
+    """A name for things derived from `node`: its name, or its output's."""
+    return node.name or node.outputs[0].name
+
+
 def _set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
     while len(node.inputs) <= index:
         node.inputs.append(gs.Variable.empty())
@@ -177,7 +182,7 @@ def _replace_weight(node: gs.Node, index: int, names: NameScope, w: ConstantRef,
 
 def _replace_bias(node: gs.Node, index: int, names: NameScope, values: np.ndarray, like: ConstantRef | None, dtype) -> None:
     """Input `index` of `node` (added if absent) becomes `values` in the old bias's dtype."""
-    old = node.inputs[index].name if len(node.inputs) > index and node.inputs[index].name else f"{node.name}.bias"
+    old = node.inputs[index].name if len(node.inputs) > index and node.inputs[index].name else f"{_label(node)}.bias"
     _set_input(node, index, names.constant(old, values.astype(like.dtype if like is not None else dtype)))
 
 
@@ -288,8 +293,8 @@ def _append_bias(graph: gs.Graph, node: gs.Node, bias: np.ndarray, names: NameSc
     out = node.outputs[0]
     mid = names.variable(f"{out.name}_nobias", dtype=out.dtype, shape=out.shape)
     node.outputs[0] = mid
-    bias_constant = names.constant(f"{node.name or out.name}.bias", bias)
-    graph.nodes.append(gs.Node("Add", names.fresh(f"{node.name}_bias"), inputs=[mid, bias_constant], outputs=[out]))
+    bias_constant = names.constant(f"{_label(node)}.bias", bias)
+    graph.nodes.append(gs.Node("Add", names.fresh(f"{_label(node)}_bias"), inputs=[mid, bias_constant], outputs=[out]))
 
 
 _BACKWARD = {
@@ -409,7 +414,7 @@ def _rewrite_as_affine(graph: gs.Graph, bn: Affine, names: NameScope) -> None:
         raise Skip("input rank is unknown")
     dtype = _numpy_dtype(bn.x.dtype) or constant_value(bn.node.inputs[1], graph.opset).dtype
     broadcast = (-1,) + (1,) * (len(shape) - 2)  # channel axis 1, aligned from the right
-    x, y, name = bn.x, bn.y, bn.node.name
+    x, y, name = bn.x, bn.y, _label(bn.node)
     scaled = names.variable(f"{y.name}_scaled", dtype=bn.x.dtype, shape=shape)
     s = names.constant(f"{name}.scale", bn.s.reshape(broadcast).astype(dtype))
     t = names.constant(f"{name}.shift", bn.t.reshape(broadcast).astype(dtype))
