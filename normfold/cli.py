@@ -121,5 +121,33 @@ def demo_command(keep):
     sys.exit(run_demo(keep))
 
 
+@main.command("doctor")
+@json_option
+def doctor_command(json_path):
+    """Show what normfold can use here: versions, custom-op kernels, providers.
+
+    Reports the onnxruntime custom-op libraries (com.normfold): whether the
+    CPU and CUDA kernels were built, whether they load and run, and why not
+    (the reason recorded by custom_ops/build.sh); and the onnxruntime
+    execution providers, listed and actually usable. Exits with 1 when the
+    CPU kernels are not available.
+
+    \b
+    Example:
+      normfold doctor
+      normfold doctor --json -
+    """
+    from .doctor import doctor, format_doctor
+    from .errors import CheckFailed
+
+    report = doctor()
+    if json_path is not None:
+        write_json(report, json_path)
+    if json_path is None or str(json_path) != "-":
+        click.echo(format_doctor(report))
+    if not report["cpu_ops"]["works"]:
+        raise CheckFailed("the custom-op CPU kernels are not available; rebuild with: bash custom_ops/build.sh")
+
+
 if __name__ == "__main__":
     main()

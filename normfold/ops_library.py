@@ -1,7 +1,16 @@
-"""Where normfold's onnxruntime custom-op library lives, and registering it.
+"""Where normfold's onnxruntime custom-op libraries live, and registering them.
 
-The library is built from `custom_ops/` by the set-up command. Until it is
-built, `ops_library_path()` returns None and sessions run without it.
+`custom_ops/build.sh` (run by the set-up command) builds two libraries into
+`normfold/_ops/`:
+
+- `libnormfold_ops.so`: CPU kernels of the `com.normfold` ops;
+- `libnormfold_ops_cuda.so`: the same CPU kernels plus CUDA kernels (built
+  only where nvcc exists; CUDA runtime linked statically, so it loads without
+  CUDA libraries and needs only the driver when a CUDA kernel runs).
+
+Both register the whole domain, so a session registers exactly one of them.
+Until a library is built its path is None and sessions run without it; the
+reason it was not built is in `build_failure()`.
 """
 
 from __future__ import annotations
@@ -11,22 +20,52 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+DOMAIN = "com.normfold"
 LIBRARY_NAME = "libnormfold_ops.so"
-_PACKAGE_DIR = Path(__file__).resolve().parent
+CUDA_LIBRARY_NAME = "libnormfold_ops_cuda.so"
+OPS_DIR = Path(__file__).resolve().parent / "_ops"
+_FAILURE_NOTES = {"cpu": "BUILD_FAILED.txt", "cuda": "CUDA_BUILD_FAILED.txt"}
 
 
 def ops_library_path() -> str | None:
-    """Path of the built custom-op library, or None when it is not built.
+    """Path of the built CPU custom-op library, or None when it is not built.
     `NORMFOLD_OPS_LIBRARY` overrides the search."""
     override = os.environ.get("NORMFOLD_OPS_LIBRARY")
     if override:
         return override if Path(override).is_file() else None
-    candidate = _PACKAGE_DIR / "_ops" / LIBRARY_NAME
+    candidate = OPS_DIR / LIBRARY_NAME
     return str(candidate) if candidate.is_file() else None
 
 
-def register_ops(options: ort.SessionOptions) -> bool:
-    """Register the custom-op library with `options` if it is built; return whether it was."""
+def cuda_ops_library_path() -> str | None:
+    """Path of the built CPU+CUDA custom-op library, or None when it is not built.
+    `NORMFOLD_CUDA_OPS_LIBRARY` overrides the search."""
+    override = os.environ.get("NORMFOLD_CUDA_OPS_LIBRARY")
+    if override:
+        return override if Path(override).is_file() else None
+    candidate = OPS_DIR / CUDA_LIBRARY_NAME
+    return str(candidate) if candidate.is_file() else None
+
+
+def build_failure(kind: str = "cpu") -> str | None:
+    """Why the `kind` ("cpu" or "cuda") library was not built, as build.sh recorded it, or None."""
+    note = OPS_DIR / _FAILURE_NOTES[kind]
+    if not note.is_file():
+        return None
+    return note.read_text().strip() or "build failed (no reason recorded)"
+
+
+def register_ops(options: ort.SessionOptions, provider: str = "cpu") -> bool:
+    """Register normfold's custom ops with `options`; return whether a library was registered.
+
+    For `provider="cuda"` the CPU+CUDA library is registered when it is built
+    (and loads), otherwise the CPU library."""
+    if provider == "cuda" and cuda_ops_library_path() is not None:
+        try:
+            options.register_custom_ops_library(cuda_ops_library_path())
+            return True
+        except Exception:  # noqa: BLE001 - onnxruntime raises several types; fall back to the CPU kernels
+            pass
     path = ops_library_path()
     if path is None:
         return False

@@ -44,7 +44,7 @@ def make_session(
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    register_ops(options)
+    register_ops(options, provider)
     source = model if isinstance(model, str) else model.SerializeToString()
     providers = [name] if provider == "cpu" else [name, PROVIDERS["cpu"]]
     try:
