@@ -149,5 +149,94 @@ def doctor_command(json_path):
         raise CheckFailed("the custom-op CPU kernels are not available; rebuild with: bash custom_ops/build.sh")
 
 
+from .cli_options import data_options, provider_option, tolerance_options, weights_option  # noqa: E402
+
+
+@main.command("verify")
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--against", "reference", required=True, metavar="REFERENCE",
+              help="What CANDIDATE must compute: an .onnx model (run with graph optimizations off), "
+                   "package.module:callable returning an nn.Module, a TorchScript file or a torch.export .pt2.")
+@weights_option
+@data_options
+@tolerance_options
+@provider_option
+@click.option("--localize", is_flag=True,
+              help="Also report the first node (ONNX reference) or module (PyTorch reference) whose "
+                   "output diverges.")
+@json_option
+@quiet_option
+def verify_command(candidate, reference, weights, shapes, inputs_path, seed, samples, atol, rtol, provider,
+                   localize, json_path, quiet):
+    """Check that CANDIDATE computes what a reference model computes.
+
+    Runs both on the same inputs (generated, or --inputs) and compares every
+    output: max abs/rel error, mean abs error, cosine similarity, share of
+    elements outside tolerance, NaN/Inf. Outputs are matched by name, or by
+    position when the names differ. Exit 0: equivalent; 1: mismatch; 2: bad
+    usage or input.
+
+    \b
+    Example:
+      normfold verify model.folded.onnx --against model.onnx --localize
+      normfold verify model.onnx --against mypkg.nets:make_resnet --weights resnet.pt \\
+          --shape images=8x3x224x224 --samples 4 --json verify.json
+    """
+    from .verify import verify
+    from .verify_report import print_report
+
+    report = verify(candidate, reference, weights=weights, inputs=inputs_path, shapes=list(shapes), seed=seed,
+                    samples=samples, atol=atol, rtol=rtol, provider=provider, localize=localize)
+    _emit_checked(report, print_report, json_path, quiet)
+
+
+@main.command("export")
+@click.argument("module", metavar="package.module:callable")
+@click.option("--input-shape", "input_shapes", multiple=True, required=True, metavar="[NAME=]SHAPE[:DTYPE]",
+              help="Shape of a forward argument, e.g. 1x3x224x224 or tokens=1x128:int64 (repeatable; "
+                   "float32 unless a dtype is given).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the ONNX model.")
+@weights_option
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--dynamo/--legacy", default=True, show_default=True,
+              help="torch.export-based exporter, or the TorchScript-based one.")
+@click.option("--dynamic-batch", is_flag=True, help="Make dimension 0 of every input and output dynamic.")
+@click.option("--optimize", is_flag=True, help="Run normfold's passes (BatchNorm folding) on the export.")
+@click.option("--verify", "verify_after", is_flag=True,
+              help="Verify the written model against the module (exit 1 on mismatch).")
+@tolerance_options
+@json_option
+@quiet_option
+def export_command(module, input_shapes, output, weights, opset, dynamo, dynamic_batch, optimize, verify_after,
+                   atol, rtol, json_path, quiet):
+    """Export a PyTorch module to ONNX (eval mode), optionally optimize and verify it.
+
+    \b
+    Example:
+      normfold export mypkg.nets:make_resnet --input-shape 1x3x224x224 -o resnet.onnx
+      normfold export mypkg.nets:make_resnet --weights resnet.pt --input-shape images=1x3x224x224 \\
+          --dynamic-batch --optimize --verify -o resnet.onnx
+    """
+    from .export import export, print_export_result
+
+    result = export(module, input_shapes, output, weights=weights, opset=opset, dynamo=dynamo,
+                    dynamic_batch=dynamic_batch, optimize=optimize, verify=verify_after, atol=atol, rtol=rtol)
+    _emit_checked(result, print_export_result, json_path, quiet)
+
+
+def _emit_checked(result, render, json_path: Path | None, quiet: bool) -> None:
+    """Write `result` as JSON and/or render it; raise CheckFailed if it did not pass."""
+    from .errors import CheckFailed
+
+    if json_path is not None:
+        write_json(result.to_dict(), json_path)
+    if not quiet and (json_path is None or str(json_path) != "-"):
+        render(result)
+    if not result.passed:
+        report = getattr(result, "verification", None) or result
+        raise CheckFailed(f"verification failed: {report.verdict()}")
+
+
 if __name__ == "__main__":
     main()

@@ -64,3 +64,51 @@ def write_json(report: dict, path: Path) -> None:
         sys.stdout.write(text + "\n")
     else:
         path.write_text(text + "\n")
+
+
+def data_options(func):
+    """Input data for commands that run a model: `--shape NAME=1x3x224x224`
+    (repeatable), `--inputs FILE.npz`, `--seed N`, `--samples N`."""
+
+    @click.option("--shape", "shapes", multiple=True, metavar="NAME=SHAPE",
+                  help="Size of an input with dynamic dimensions, e.g. --shape images=1x3x224x224 "
+                       "(repeatable; NAME may be left out when the model has one input).")
+    @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False, path_type=Path),
+                  help="Run on these inputs instead of generated ones: an .npz (numpy.savez) with one "
+                       "array per model input, same names, dtypes and sizes.")
+    @click.option("--seed", type=int, default=0, show_default=True,
+                  help="Seed of the generated inputs (floats standard normal, integers in [0, 10), "
+                       "uint8 in [0, 256), bool 50/50).")
+    @click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
+                  help="Number of generated input batches to run.")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def tolerance_options(func):
+    """`--atol` / `--rtol` for commands that compare outputs."""
+
+    @click.option("--atol", type=click.FloatRange(min=0), default=None,
+                  help="Absolute tolerance. Default by dtype: float32 1e-4, float16 1e-2, bfloat16 5e-2, "
+                       "float64 1e-7, integers and bool 0.")
+    @click.option("--rtol", type=click.FloatRange(min=0), default=None,
+                  help="Relative tolerance: an element passes when |candidate - reference| <= atol + "
+                       "rtol*|reference|. Default by dtype: float32 1e-3, float16 1e-2, bfloat16 5e-2, "
+                       "float64 1e-6, integers and bool 0. NaN/Inf always fails.")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def weights_option(func):
+    """`--weights FILE` for commands that build a PyTorch module from package.module:callable."""
+    return click.option(
+        "--weights", type=click.Path(dir_okay=False, path_type=Path),
+        help="state_dict file (torch.save) to load into the module built by package.module:callable; "
+             "read with torch.load(weights_only=True).",
+    )(func)

@@ -1,0 +1,105 @@
+"""`verify`: run a candidate ONNX model and a reference on the same inputs and
+compare every output (the Python API behind `normfold verify`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .compare import OutputComparison, compare_arrays, match_outputs
+from .errors import NormfoldError
+from .inputs import (Feeds, InputSpec, check_feeds, generate_inputs, input_specs, load_npz, parse_named_shapes,
+                     parse_shape)
+from .localize import localize as localize_mismatch
+from .model_io import load_model
+from .references import load_reference, run_session
+from .runtime import make_session
+from .verify_report import VerifyReport
+
+Inputs = Feeds | list[Feeds] | str | os.PathLike | None
+
+
+def verify(
+    candidate: onnx.ModelProto | str | os.PathLike,
+    reference: Any,
+    *,
+    weights: str | os.PathLike | None = None,
+    inputs: Inputs = None,
+    shapes: dict[str, tuple[int, ...] | str] | list[str] | tuple[str, ...] | None = None,
+    seed: int = 0,
+    samples: int = 1,
+    atol: float | None = None,
+    rtol: float | None = None,
+    provider: str = "cpu",
+    localize: bool = False,
+) -> VerifyReport:
+    """Compare `candidate` (an ONNX path or ModelProto) with `reference` on the same inputs.
+
+    reference: an .onnx/TorchScript/.pt2 path, `package.module:callable`, an
+    `nn.Module` or a `ModelProto` (see `normfold.references.load_reference`);
+    `weights` is a state_dict file for a module reference.
+    inputs: None (generated from the input specs with `seed`, `samples` of them,
+    dynamic sizes from `shapes`: {name: (1, 3, 224, 224) or "1x3x224x224"} or a list of
+    "NAME=1x3x224x224"), an .npz path, a {name: array} dict or a list of them.
+    atol/rtol: None picks the default of each output's dtype (`normfold.compare`).
+    provider: "cpu" or "cuda" for the candidate; the reference always runs on CPU.
+    localize: also find the first diverging node or module (`normfold.localize`).
+    Bad input raises NormfoldError; a mismatch is reported, not raised.
+    """
+    model, candidate_name = _candidate_model(candidate)
+    specs = input_specs(model)
+    session = make_session(model, provider=provider, optimize=False)
+    feeds_list, source = _resolve_inputs(inputs, specs, shapes, seed, samples)
+    ref = load_reference(reference, weights)
+    ref.bind(specs)
+    output_names = [o.name for o in session.get_outputs()]
+    comparisons: list[OutputComparison] | None = None
+    matched_by = "name"
+    for feeds in feeds_list:
+        cand_values = run_session(session, feeds, what=f"the candidate {candidate_name}")
+        ref_values = ref.run(feeds)
+        ref_names = ref.output_names or [f"output {i}" for i in range(len(ref_values))]
+        pairs, matched_by = match_outputs(output_names, ref_names)
+        ref_by_name = dict(zip(ref_names, ref_values))
+        cand_by_name = dict(zip(output_names, cand_values))
+        comparisons = [
+            compare_arrays(cand_by_name[c], ref_by_name[r], name=c, reference_name=r, atol=atol, rtol=rtol,
+                           into=comparisons[i] if comparisons else None)
+            for i, (c, r) in enumerate(pairs)
+        ]
+    report = VerifyReport(
+        candidate=candidate_name, reference=ref.description, reference_kind=ref.kind, provider=provider,
+        inputs=source, samples=len(feeds_list), matched_by=matched_by, outputs=comparisons or [],
+    )
+    if localize:
+        report.localization = localize_mismatch(model, ref, feeds_list, atol=atol, rtol=rtol, provider=provider)
+    return report
+
+
+def _candidate_model(candidate) -> tuple[onnx.ModelProto, str]:
+    if isinstance(candidate, onnx.ModelProto):
+        return candidate, candidate.graph.name or "candidate model"
+    return load_model(candidate).model, str(candidate)
+
+
+def _resolve_inputs(inputs: Inputs, specs: list[InputSpec], shapes, seed: int, samples: int
+                    ) -> tuple[list[Feeds], str]:
+    """The samples to run, and a phrase saying where they came from."""
+    if inputs is None:
+        if isinstance(shapes, (list, tuple)):
+            parsed = parse_named_shapes(shapes, [s.name for s in specs])
+        else:
+            parsed = {k: parse_shape(v) if isinstance(v, str) else tuple(v) for k, v in (shapes or {}).items()}
+        return generate_inputs(specs, parsed, seed=seed, samples=samples), f"generated inputs, seed {seed}"
+    if shapes:
+        raise NormfoldError("give either input data or shapes to generate inputs with, not both")
+    if isinstance(inputs, (str, os.PathLike)):
+        return [load_npz(inputs, specs)], f"inputs from {Path(inputs).name}"
+    given = [inputs] if isinstance(inputs, dict) else list(inputs)
+    for i, feeds in enumerate(given):
+        check_feeds({k: np.asarray(v) for k, v in feeds.items()}, specs, f"inputs sample {i}")
+    return [{k: np.asarray(v) for k, v in feeds.items()} for feeds in given], "given inputs"
