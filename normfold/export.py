@@ -95,8 +95,7 @@ def export(
     names, dtypes, shapes = _example_spec(module, input_shapes)
     rng = np.random.default_rng(seed)
     args = tuple(torch.from_numpy(random_array(np.dtype(dtypes[n]), shapes[n], rng)) for n in names)
-    with torch.no_grad():
-        outputs = _count_outputs(module(*args))
+    outputs = _count_outputs(_call(module, args, names))
     output_names = ["output"] if outputs == 1 else [f"output_{i}" for i in range(outputs)]
     model = _run_exporter(module, args, names, output_names, opset, dynamo, dynamic_batch)
     cap_ir_version(model)
@@ -190,6 +189,19 @@ def _dtype(text: str, value: str) -> str:
     except TypeError:
         raise NormfoldError(f"--input-shape {value}: unknown dtype '{text}' (use e.g. float32, int64, bool)") from None
     return dtype.name
+
+
+def _call(module, args, names):
+    """module(*args) without gradients; its failure is bad input (wrong shapes)."""
+    torch = import_torch()
+    try:
+        with torch.no_grad():
+            return module(*args)
+    except Exception as exc:  # the user's forward can raise anything
+        text = str(exc).strip()
+        shapes = ", ".join(f"{n}[{'x'.join(map(str, a.shape))}]" for n, a in zip(names, args))
+        raise NormfoldError(f"the module failed on example inputs {shapes}: {type(exc).__name__}: "
+                            f"{text.splitlines()[0] if text else ''}; check --input-shape") from exc
 
 
 def _count_outputs(result) -> int:
