@@ -33,6 +33,7 @@ struct FilterResponseNorm {
   FRNAttrs attrs;
 
   FilterResponseNorm(const OrtApi*, const OrtKernelInfo* info) : attrs(info) {
+    require_present_inputs(info, "FilterResponseNorm");
     if (auto x = static_shape(info, 0)) {
       const bool has_tau = Ort::ConstKernelInfo(info).GetInputCount() > 3;
       const std::string e = attrs.check(*x, static_shape(info, 1).value_or(Shape{-1}), static_shape(info, 2).value_or(Shape{-1}),

@@ -37,6 +37,7 @@ struct GroupNorm {
   GroupNormAttrs attrs;
 
   GroupNorm(const OrtApi*, const OrtKernelInfo* info) : attrs(info) {
+    require_present_inputs(info, "GroupNorm");
     if (auto x = static_shape(info, 0)) {
       const std::string e = attrs.check(*x, static_shape(info, 1).value_or(Shape{-1}), static_shape(info, 2).value_or(Shape{-1}));
       if (!e.empty()) fail(e);

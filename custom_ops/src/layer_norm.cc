@@ -49,6 +49,7 @@ struct LayerNorm {
   LayerNormAttrs attrs;
 
   LayerNorm(const OrtApi*, const OrtKernelInfo* info) : attrs(info) {
+    require_present_inputs(info, "LayerNorm");
     if (auto x = static_shape(info, 0)) {
       const std::string e = attrs.check(*x, static_shape(info, 1).value_or(Shape{-1}), static_shape(info, 2));
       if (!e.empty()) fail(e);

@@ -58,6 +58,15 @@ inline std::optional<Shape> static_shape(const OrtKernelInfo* info, size_t i) {
   }
 }
 
+/// Fails when an input is given as "" (the lite API cannot skip an input in the middle):
+/// optional inputs are left out from the end instead.
+inline void require_present_inputs(const OrtKernelInfo* info, const char* op) {
+  Ort::ConstKernelInfo kernel_info(info);
+  for (size_t i = 0; i < kernel_info.GetInputCount(); ++i)
+    if (kernel_info.GetInputName(i).empty())
+      fail(std::string(op) + ": input " + std::to_string(i) + " is empty (''); leave optional inputs out instead");
+}
+
 /// Product of dims [from, to); -1 if any of them is unknown.
 inline int64_t numel(const Shape& s, size_t from = 0, size_t to = SIZE_MAX) {
   int64_t n = 1;

@@ -44,6 +44,7 @@ struct RMSNorm {
   RMSNormAttrs attrs;
 
   RMSNorm(const OrtApi*, const OrtKernelInfo* info) : attrs(info) {
+    require_present_inputs(info, "RMSNorm");
     if (auto x = static_shape(info, 0)) {
       const std::string e = attrs.check(*x, static_shape(info, 1));
       if (!e.empty()) fail(e);

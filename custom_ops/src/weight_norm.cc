@@ -27,6 +27,7 @@ struct WeightNorm {
   WeightNormAttrs attrs;
 
   WeightNorm(const OrtApi*, const OrtKernelInfo* info) : attrs(info) {
+    require_present_inputs(info, "WeightNorm");
     if (auto v = static_shape(info, 0)) {
       const std::string e = attrs.check(*v, static_shape(info, 1).value_or(Shape{-1}));
       if (!e.empty()) fail(e);

@@ -1,0 +1,326 @@
+"""The com.normfold CPU kernels against the PyTorch layers they implement.
+
+Every model here is one custom-op node run through `normfold.runtime.make_session`.
+References are computed by PyTorch in float64 from the same (rounded) inputs;
+fp32 results must be within 1e-5 of the output scale, fp16 results within one
+fp16 rounding step. These tests fail (not skip) when the library is not built:
+the set-up command builds it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from normfold.ops_library import DOMAIN, ops_library_path
+from normfold.runtime import make_session
+
+ONNX_TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
+
+
+def one_node(op: str, inputs: dict, attrs: dict | None = None, *, static: bool = True, dtype=np.float32,
+             compute_type: int | None = None):
+    """A model with one com.normfold `op` node on `inputs` (name -> array; None = optional input left
+    out; a None before a given input becomes the empty name '').
+    `static=False` declares every input shape unknown; `compute_type` wraps the node in Casts
+    (e.g. to run the bfloat16 kernel from float32 inputs)."""
+    elem = ONNX_TYPES[dtype]
+    present = {k: v for k, v in inputs.items() if v is not None}
+    graph_inputs = [helper.make_tensor_value_info(k, elem, list(v.shape) if static else None) for k, v in present.items()]
+    nodes, names = [], []
+    for name in inputs:
+        if inputs[name] is None:
+            names.append("")
+        elif compute_type is None:
+            names.append(name)
+        else:
+            nodes.append(helper.make_node("Cast", [name], [name + "_c"], to=compute_type))
+            names.append(name + "_c")
+    while names and names[-1] == "":
+        names.pop()
+    out = "Y" if compute_type is None else "Y_c"
+    nodes.append(helper.make_node(op, names, [out], domain=DOMAIN, **(attrs or {})))
+    if compute_type is not None:
+        nodes.append(helper.make_node("Cast", ["Y_c"], ["Y"], to=elem))
+    graph = helper.make_graph(nodes, op, graph_inputs, [helper.make_tensor_value_info("Y", elem, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 10
+    return model
+
+
+def run(op: str, inputs: dict, attrs: dict | None = None, threads: int = 2, **kwargs) -> np.ndarray:
+    """Run one_node(...) on the CPU provider and return Y."""
+    session = make_session(one_node(op, inputs, attrs, **kwargs), threads=threads)
+    return session.run(None, {k: v for k, v in inputs.items() if v is not None})[0]
+
+
+def t64(a):
+    return None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float64))
+
+
+# ---- references (float64 PyTorch)
+
+def ref_group_norm(x, scale, bias, num_groups, epsilon=1e-5, activation="none"):
+    y = torch.group_norm(t64(x), num_groups, t64(scale), t64(bias), epsilon)  # F.group_norm refuses 1 value per group
+    return (F.silu(y) if activation == "silu" else y).numpy()
+
+
+def ref_layer_norm(x, scale, bias, axis=-1, epsilon=1e-5, channel_first=0):
+    x = t64(x)
+    if channel_first:  # ConvNeXt LayerNorm2d: normalize over C only
+        moved = x.movedim(1, -1)
+        return F.layer_norm(moved, moved.shape[-1:], t64(scale), t64(bias), epsilon).movedim(-1, 1).numpy()
+    shape = x.shape[axis:]
+    bias = None if bias is None else t64(bias).reshape(shape)
+    return F.layer_norm(x, shape, t64(scale).reshape(shape), bias, epsilon).numpy()
+
+
+def ref_rms_norm(x, scale, axis=-1, epsilon=None):
+    x = t64(x)
+    shape = x.shape[axis:]
+    return F.rms_norm(x, shape, None if scale is None else t64(scale).reshape(shape), epsilon).numpy()
+
+
+def ref_frn(x, gamma, beta, tau, epsilon=1e-6, use_tlu=1):
+    x = t64(x)
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    nu2 = x.pow(2).mean(dim=tuple(range(2, x.dim())), keepdim=True) if x.dim() > 2 else x.pow(2)
+    y = t64(gamma).reshape(view) * x * torch.rsqrt(nu2 + abs(epsilon)) + t64(beta).reshape(view)
+    return (torch.maximum(y, t64(tau).reshape(view)) if use_tlu else y).numpy()
+
+
+def ref_weight_norm(v, g, dim=0):
+    v = t64(v)
+    g = t64(g).reshape([-1 if i == dim else 1 for i in range(v.dim())])
+    return torch._weight_norm(v, g, dim).numpy()
+
+
+def assert_close(y: np.ndarray, ref: np.ndarray, dtype=np.float32) -> None:
+    """fp32/fp64: within 1e-5 of the output scale; fp16: within one fp16 rounding step (+1e-5 of scale)."""
+    assert y.shape == ref.shape and y.dtype == np.dtype(dtype)
+    scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+    err = np.abs(y.astype(np.float64) - ref)
+    if dtype == np.float16:
+        allowed = np.spacing(np.abs(ref).astype(np.float16)).astype(np.float64) + 1e-5 * scale
+    else:
+        allowed = np.full(ref.shape, (1e-5 if dtype == np.float32 else 1e-12) * scale)
+    worst = np.unravel_index(np.argmax(err - allowed), err.shape) if err.size else ()
+    assert np.all(err <= allowed), f"max error {err[worst]} > {allowed[worst]} at {worst}"
+
+
+def test_library_is_built():
+    assert ops_library_path() is not None, "custom-op library not built; run: bash custom_ops/build.sh"
+
+
+# ---- GroupNorm
+
+@settings(max_examples=40)
+@given(batch=st.integers(1, 3), groups=st.integers(1, 4), per_group=st.integers(1, 5),
+       spatial=st.lists(st.integers(1, 9), min_size=0, max_size=3), offset=st.sampled_from([0.0, 1000.0]),
+       epsilon=st.sampled_from([1e-8, 1e-5, 0.1, 10.0]), activation=st.sampled_from(["none", "silu"]),
+       seed=st.integers(0, 2**16))
+def test_group_norm_matches_torch(batch, groups, per_group, spatial, offset, epsilon, activation, seed):
+    rng = np.random.default_rng(seed)
+    c = groups * per_group
+    x = (rng.standard_normal((batch, c, *spatial)) * 3 + offset).astype(np.float32)
+    scale, bias = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    attrs = dict(num_groups=groups, epsilon=epsilon, activation=activation)
+    y = run("GroupNorm", dict(X=x, scale=scale, bias=bias), attrs)
+    assert_close(y, ref_group_norm(x, scale, bias, groups, epsilon, activation))
+
+
+@pytest.mark.parametrize("shape,groups", [((1, 32, 64, 64), 2), ((2, 64, 33, 31), 32), ((1, 8, 4, 8, 9), 1),
+                                          ((3, 12, 4000), 3)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_group_norm_large_instances_and_threads(shape, groups, threads, rng):
+    x = (rng.standard_normal(shape) + 1000).astype(np.float32)
+    scale, bias = rng.standard_normal(shape[1]).astype(np.float32), rng.standard_normal(shape[1]).astype(np.float32)
+    y = run("GroupNorm", dict(X=x, scale=scale, bias=bias), dict(num_groups=groups), threads=threads)
+    assert_close(y, ref_group_norm(x, scale, bias, groups))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+@pytest.mark.parametrize("activation", ["none", "silu"])
+def test_group_norm_fp16_fp64(dtype, activation, rng):
+    x = (rng.standard_normal((2, 6, 7, 5)) * 2 + 3).astype(dtype)
+    scale, bias = rng.standard_normal(6).astype(dtype), rng.standard_normal(6).astype(dtype)
+    y = run("GroupNorm", dict(X=x, scale=scale, bias=bias), dict(num_groups=3, activation=activation), dtype=dtype)
+    assert_close(y, ref_group_norm(x, scale, bias, 3, activation=activation), dtype)
+
+
+def test_bfloat16_kernels_run(rng):
+    """bf16 kernels, reached through Casts: within bf16 rounding of the fp32 result."""
+    x = rng.standard_normal((2, 8, 5, 5)).astype(np.float32)
+    scale, bias = np.ones(8, np.float32), np.zeros(8, np.float32)
+    y = run("GroupNorm", dict(X=x, scale=scale, bias=bias), dict(num_groups=2), compute_type=TensorProto.BFLOAT16)
+    np.testing.assert_allclose(y, ref_group_norm(x, scale, bias, 2), atol=0.05, rtol=0.02)
+
+
+# ---- LayerNorm
+
+@settings(max_examples=40)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4), data=st.data(), offset=st.sampled_from([0.0, 1000.0]),
+       epsilon=st.sampled_from([1e-8, 1e-5, 1.0]), with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_layer_norm_last_axes_matches_torch(shape, data, offset, epsilon, with_bias, seed):
+    rng = np.random.default_rng(seed)
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    x = (rng.standard_normal(shape) * 2 + offset).astype(np.float32)
+    pshape = x.shape[axis:]
+    scale = rng.standard_normal(pshape).astype(np.float32)
+    bias = rng.standard_normal(pshape).astype(np.float32) if with_bias else None
+    y = run("LayerNorm", dict(X=x, scale=scale, bias=bias), dict(axis=axis, epsilon=epsilon))
+    assert_close(y, ref_layer_norm(x, scale, bias, axis, epsilon))
+
+
+@settings(max_examples=40)
+@given(batch=st.integers(1, 3), channels=st.integers(1, 70), spatial=st.lists(st.integers(1, 40), min_size=0, max_size=3),
+       offset=st.sampled_from([0.0, 1000.0]), epsilon=st.sampled_from([1e-6, 1e-5, 1.0]), seed=st.integers(0, 2**16))
+def test_layer_norm_channel_first_matches_torch(batch, channels, spatial, offset, epsilon, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((batch, channels, *spatial)) + offset).astype(np.float32)
+    scale, bias = rng.standard_normal(channels).astype(np.float32), rng.standard_normal(channels).astype(np.float32)
+    y = run("LayerNorm", dict(X=x, scale=scale, bias=bias), dict(channel_first=1, epsilon=epsilon))
+    assert_close(y, ref_layer_norm(x, scale, bias, epsilon=epsilon, channel_first=1))
+
+
+@pytest.mark.parametrize("shape,attrs", [((2, 96, 56, 56), dict(channel_first=1)), ((1, 1000, 3, 7), dict(channel_first=1)),
+                                         ((4, 128, 3072), dict(axis=-1)), ((1, 4, 128, 512), dict(axis=1))])
+def test_layer_norm_large(shape, attrs, rng):
+    x = (rng.standard_normal(shape) - 500).astype(np.float32)
+    n = shape[1] if attrs.get("channel_first") else int(np.prod(shape[attrs["axis"]:]))
+    scale, bias = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    y = run("LayerNorm", dict(X=x, scale=scale, bias=bias), attrs)
+    assert_close(y, ref_layer_norm(x, scale, bias, axis=attrs.get("axis", -1), channel_first=attrs.get("channel_first", 0)))
+
+
+@pytest.mark.parametrize("channel_first", [0, 1])
+def test_layer_norm_fp16(channel_first, rng):
+    x = (rng.standard_normal((2, 24, 9, 11)) * 4 + 10).astype(np.float16)
+    n = 24 if channel_first else 11
+    scale, bias = rng.standard_normal(n).astype(np.float16), rng.standard_normal(n).astype(np.float16)
+    y = run("LayerNorm", dict(X=x, scale=scale, bias=bias), dict(channel_first=channel_first), dtype=np.float16)
+    assert_close(y, ref_layer_norm(x, scale, bias, channel_first=channel_first), np.float16)
+
+
+# ---- RMSNorm
+
+@settings(max_examples=40)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4), data=st.data(), scale_mode=st.sampled_from(["scale", "none"]),
+       epsilon=st.sampled_from([None, 1e-8, 1e-6, 1.0]), offset=st.sampled_from([0.0, 1000.0]), seed=st.integers(0, 2**16))
+def test_rms_norm_matches_torch(shape, data, scale_mode, epsilon, offset, seed):
+    rng = np.random.default_rng(seed)
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    x = (rng.standard_normal(shape) + offset).astype(np.float32)
+    scale = rng.standard_normal(x.shape[axis:]).astype(np.float32) if scale_mode == "scale" else None
+    attrs = dict(axis=axis) if epsilon is None else dict(axis=axis, epsilon=epsilon)
+    y = run("RMSNorm", dict(X=x, scale=scale), attrs)
+    ref_eps = float(np.finfo(np.float32).eps) if epsilon is None else epsilon
+    assert_close(y, ref_rms_norm(x, scale, axis, ref_eps))
+
+
+def test_rms_norm_large_and_fp16(rng):
+    x = rng.standard_normal((8, 64, 1024)).astype(np.float32)
+    scale = rng.standard_normal(1024).astype(np.float32)
+    assert_close(run("RMSNorm", dict(X=x, scale=scale), dict(epsilon=1e-6)), ref_rms_norm(x, scale, -1, 1e-6))
+    xh, sh = x[:2, :5].astype(np.float16), scale.astype(np.float16)
+    y = run("RMSNorm", dict(X=xh, scale=sh), dict(epsilon=1e-6), dtype=np.float16)
+    assert_close(y, ref_rms_norm(xh, sh, -1, 1e-6), np.float16)
+
+
+# ---- FilterResponseNorm
+
+@settings(max_examples=40)
+@given(batch=st.integers(1, 3), channels=st.integers(1, 9), spatial=st.lists(st.integers(1, 12), min_size=0, max_size=3),
+       epsilon=st.sampled_from([1e-6, -1e-3, 1.0]), use_tlu=st.sampled_from([0, 1]), param_shape=st.sampled_from(["c", "1c11"]),
+       seed=st.integers(0, 2**16))
+def test_frn_matches_reference(batch, channels, spatial, epsilon, use_tlu, param_shape, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((batch, channels, *spatial)) * 3).astype(np.float32)
+    shape = (channels,) if param_shape == "c" else (1, channels, 1, 1)
+    gamma, beta, tau = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    y = run("FilterResponseNorm", dict(X=x, gamma=gamma, beta=beta, tau=tau), dict(epsilon=epsilon, use_tlu=use_tlu))
+    assert_close(y, ref_frn(x, gamma, beta, tau, epsilon, use_tlu))
+
+
+def test_frn_large_fp16_and_without_tau(rng):
+    x = rng.standard_normal((2, 16, 96, 96)).astype(np.float32)
+    gamma, beta, tau = (rng.standard_normal(16).astype(np.float32) for _ in range(3))
+    assert_close(run("FilterResponseNorm", dict(X=x, gamma=gamma, beta=beta, tau=tau)), ref_frn(x, gamma, beta, tau))
+    y = run("FilterResponseNorm", dict(X=x, gamma=gamma, beta=beta, tau=None), dict(use_tlu=0))
+    assert_close(y, ref_frn(x, gamma, beta, tau, use_tlu=0))
+    xh, gh, bh, th = (a.astype(np.float16) for a in (x[:, :, :9, :7], gamma, beta, tau))
+    y = run("FilterResponseNorm", dict(X=xh, gamma=gh, beta=bh, tau=th), dtype=np.float16)
+    assert_close(y, ref_frn(xh, gh, bh, th), np.float16)
+
+
+# ---- WeightNorm
+
+@settings(max_examples=30)
+@given(shape=st.lists(st.integers(1, 7), min_size=1, max_size=4), data=st.data(), seed=st.integers(0, 2**16))
+def test_weight_norm_matches_torch(shape, data, seed):
+    rng = np.random.default_rng(seed)
+    dim = data.draw(st.integers(0, len(shape) - 1))
+    v = rng.standard_normal(shape).astype(np.float32)
+    g = rng.standard_normal([n if i == dim else 1 for i, n in enumerate(shape)]).astype(np.float32)
+    assert_close(run("WeightNorm", dict(V=v, g=g), dict(dim=dim)), ref_weight_norm(v, g, dim))
+
+
+def test_weight_norm_fp16(rng):
+    v, g = rng.standard_normal((16, 8, 3, 3)).astype(np.float16), rng.standard_normal(16).astype(np.float16)
+    assert_close(run("WeightNorm", dict(V=v, g=g), dtype=np.float16), ref_weight_norm(v, g), np.float16)
+
+
+# ---- shapes only known at run time, empty tensors
+
+def test_dynamic_shapes_and_output_type(rng):
+    x = rng.standard_normal((2, 4, 3)).astype(np.float16)
+    scale, bias = np.ones(4, np.float16), np.zeros(4, np.float16)
+    session = make_session(one_node("GroupNorm", dict(X=x, scale=scale, bias=bias), dict(num_groups=2), dtype=np.float16))
+    assert session.get_outputs()[0].type == "tensor(float16)" and session.get_outputs()[0].shape == [2, 4, 3]
+    y = run("GroupNorm", dict(X=x, scale=scale, bias=bias), dict(num_groups=2), static=False, dtype=np.float16)
+    assert_close(y, ref_group_norm(x, scale, bias, 2), np.float16)
+
+
+def test_empty_batch():
+    x = np.zeros((0, 4, 3), np.float32)
+    y = run("GroupNorm", dict(X=x, scale=np.ones(4, np.float32), bias=np.zeros(4, np.float32)), dict(num_groups=2))
+    assert y.shape == (0, 4, 3)
+
+
+# ---- bad attributes and shapes: a clear error, never a crash
+
+X = np.ones((2, 6, 4), np.float32)
+C6 = np.ones(6, np.float32)
+BAD = [
+    ("GroupNorm", dict(X=X, scale=C6, bias=C6), dict(num_groups=4), "C=6 is not divisible by num_groups=4"),
+    ("GroupNorm", dict(X=X, scale=C6, bias=C6), {}, "num_groups must be set"),
+    ("GroupNorm", dict(X=X, scale=np.ones(5, np.float32), bias=C6), dict(num_groups=3), "scale has shape \\[5\\]"),
+    ("GroupNorm", dict(X=X, scale=C6, bias=C6), dict(num_groups=3, activation="relu"), "activation must be"),
+    ("LayerNorm", dict(X=X, scale=np.ones(5, np.float32), bias=None), dict(axis=-1), "scale has shape"),
+    ("LayerNorm", dict(X=X, scale=C6, bias=C6), dict(axis=3), "axis=3 is out of range"),
+    ("LayerNorm", dict(X=X, scale=C6, bias=C6), dict(axis=2, channel_first=1), "channel_first=1"),
+    ("RMSNorm", dict(X=X, scale=np.ones(3, np.float32)), {}, "scale has shape"),
+    ("FilterResponseNorm", dict(X=X, gamma=C6, beta=C6, tau=None), {}, "use_tlu=1 needs the tau input"),
+    ("FilterResponseNorm", dict(X=X, gamma=C6, beta=np.ones(2, np.float32), tau=C6), {}, "beta has shape"),
+    ("WeightNorm", dict(V=X, g=np.ones(2, np.float32)), dict(dim=-1), "dim must be >= 0"),
+    ("WeightNorm", dict(V=X, g=np.ones(3, np.float32)), dict(dim=0), "g has shape \\[3\\]"),
+    ("FilterResponseNorm", dict(X=X, gamma=C6, beta=None, tau=C6), {}, "input 2 is empty"),
+]
+
+
+@pytest.mark.parametrize("op,inputs,attrs,message", BAD, ids=[f"{b[0]}-{b[3][:24]}" for b in BAD])
+def test_bad_attributes_fail_at_session_creation(op, inputs, attrs, message):
+    with pytest.raises(Exception, match=message):
+        make_session(one_node(op, inputs, attrs))
+
+
+@pytest.mark.parametrize("op,inputs,attrs,message", [b for b in BAD if "shape" in b[3] or "divisible" in b[3]])
+def test_bad_shapes_known_only_at_run_time_fail_in_run(op, inputs, attrs, message):
+    session = make_session(one_node(op, inputs, attrs, static=False))
+    with pytest.raises(Exception, match=message):
+        session.run(None, {k: v for k, v in inputs.items() if v is not None})
