@@ -40,6 +40,7 @@ class Checkpoint:
     tensor: str  # candidate tensor name
     comparison: OutputComparison
     folded_into: str = ""  # reference layer whose output it matches instead (a fold)
+    absorbed: list[str] = field(default_factory=list)  # modules just before it with no node of their own
 
     @property
     def diverged(self) -> bool:
@@ -73,7 +74,9 @@ class Localization:
         else:
             c = self.first.comparison
             kind = "node" if self.mode == "onnx" else "module"
-            text = (f"localize: first divergent {kind}: {self.first.where} ({self.first.op}), tensor "
+            absorbed = (f" (its ONNX node also computes {', '.join(self.first.absorbed)}, which has no node "
+                        "of its own)") if self.first.absorbed else ""
+            text = (f"localize: first divergent {kind}: {self.first.where} ({self.first.op}){absorbed}, tensor "
                     f"'{self.first.tensor}': max abs err {c.max_abs:.3g}, max rel err {c.max_rel:.3g}"
                     + (f", {c.why()}" if c.why() else "") + f" ({self.checked} {what} compared)")
         if self.folded:
@@ -219,7 +222,23 @@ def _localize_torch(candidate, reference: TorchReference, samples, atol, rtol, p
     checkpoints = [Checkpoint(p, type(module.get_submodule(p)).__name__, mapping[p][1], c)
                    for p, c in comparisons.items()]
     _resolve_folds(checkpoints, alternatives)
-    return _first_divergent(loc, checkpoints)
+    _first_divergent(loc, checkpoints)
+    if loc.first is not None:
+        loc.first.absorbed = _unmapped_before(loc.first.where, order, set(comparisons), mapping)
+    return loc
+
+
+def _unmapped_before(path: str, order: list[str], compared: set[str], mapping) -> list[str]:
+    """Modules finishing right before `path` (after the previous compared one) that have
+    no node under their scope: an exporter that fused them into `path` names the fused
+    node after `path` (e.g. a Conv folded into the BatchNorm after it)."""
+    before = []
+    for other in reversed(order[:order.index(path)]):
+        if other in compared:
+            break
+        if other not in mapping and not path.startswith(other + "."):
+            before.insert(0, other)
+    return before
 
 
 def _is_scripted(module) -> bool:

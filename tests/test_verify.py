@@ -81,12 +81,13 @@ def test_corrupted_weight_localized_against_onnx(corrupted, tmp_path):
 
 
 def test_corrupted_dynamo_export_localized_against_pytorch(tmp_path):
-    model = mft.perturb(mft.load_copy(mft.onnx_file("make_groupnorm", dynamo=True)), "conv2")
-    candidate = mft.save(model, tmp_path, "gn.onnx")
-    report = verify(candidate, "models_for_tests:make_groupnorm", localize=True)
-    assert not report.passed
-    assert report.localization.first.where == "conv2"
-    assert report.localization.checked >= 3  # conv1, norm, act were mapped and agree
+    # the dynamo exporter fuses conv2 into bn2 and names the fused Conv after bn2
+    model = mft.perturb(mft.load_copy(mft.onnx_file("make_resnetish", dynamo=True)), "layer1.1.bn2")
+    candidate = mft.save(model, tmp_path, "resnet.onnx")
+    result = run_cli("verify", candidate, "--against", "models_for_tests:make_resnetish", "--localize")
+    assert result.exit_code == 1
+    assert ("first divergent module: layer1.1.bn2 (BatchNorm2d) (its ONNX node also computes layer1.1.conv2"
+            in " ".join(result.output.split()))
 
 
 @pytest.mark.parametrize("side", ["candidate", "reference"])
@@ -186,3 +187,11 @@ def test_generated_inputs_are_deterministic_and_dtype_aware():
     assert a[0]["x"].shape == (4, 3) and a[0]["x"].dtype == np.float32
     assert a[0]["ids"].dtype == np.int64 and 0 <= a[0]["ids"].min() and a[0]["ids"].max() < 10
     assert a[0]["mask"].dtype == np.bool_
+
+
+def test_torchscript_scope_names_of_module_paths():
+    from normfold.scopes import torchscript_scopes
+
+    scopes = torchscript_scopes(["layer1", "layer1.0", "layer1.0.conv1", "features", "features.0", "features.0.1"])
+    assert scopes[("layer1", "layer1.0", "conv1")] == "layer1.0.conv1"
+    assert scopes[("features", "features.0", "features.0.1")] == "features.0.1"
