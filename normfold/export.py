@@ -142,13 +142,9 @@ def _example_spec(module, input_shapes) -> tuple[list[str], dict[str, str], dict
     if not input_shapes:
         raise NormfoldError(f"give the input shape(s) with --input-shape, e.g. --input-shape "
                             f"{params[0] if params else 'x'}=1x3x224x224")
-    values, dtypes = [], {}
-    for value in input_shapes:
-        shape_text, _, dtype = value.partition(":")
-        values.append(shape_text)
-        dtypes[shape_text] = dtype or DEFAULT_DTYPE
-    bare_single = len(values) == 1 and "=" not in values[0] and required <= 1
-    shapes = parse_named_shapes(values, params[:1] if bare_single else params)
+    texts = [value.partition(":")[0] for value in input_shapes]
+    bare_single = len(texts) == 1 and "=" not in texts[0] and required <= 1
+    shapes = parse_named_shapes(texts, params[:1] if bare_single else params)
     missing = [p for p in params[:required] if p not in shapes]
     if missing:
         raise NormfoldError(f"forward({', '.join(params)}) needs a shape for {', '.join(missing)}; "
@@ -158,12 +154,9 @@ def _example_spec(module, input_shapes) -> tuple[list[str], dict[str, str], dict
     if gaps:
         raise NormfoldError(f"shapes are given for later arguments of forward({', '.join(params)}) "
                             f"but not for {', '.join(gaps)}; give every argument up to the last one")
-    names = params[: last + 1]
-    by_name = {}
-    for value, shape_text in zip(input_shapes, values):
-        name = shape_text.rpartition("=")[0] or names[0]
-        by_name[name] = _dtype(dtypes[shape_text], value)
-    return names, by_name, shapes
+    dtypes = {text.rpartition("=")[0] or params[0]: _dtype(value.partition(":")[2] or DEFAULT_DTYPE, value)
+              for text, value in zip(texts, input_shapes)}
+    return params[: last + 1], dtypes, shapes
 
 
 def _forward_params(module) -> tuple[list[str], int]:

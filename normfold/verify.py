@@ -82,7 +82,7 @@ def verify(
 
 def _candidate_model(candidate) -> tuple[onnx.ModelProto, str]:
     if isinstance(candidate, onnx.ModelProto):
-        return candidate, candidate.graph.name or "candidate model"
+        return candidate, f"ModelProto '{candidate.graph.name}'" if candidate.graph.name else "ModelProto"
     return load_model(candidate).model, str(candidate)
 
 

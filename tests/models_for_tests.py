@@ -145,6 +145,24 @@ def make_one_in_two_out() -> nn.Module:
     return OneInTwoOut().eval()
 
 
+class TokenNet(nn.Module):
+    """Embedding (int64 token ids) then LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, tokens):
+        return self.norm(self.embed(tokens))
+
+
+def make_tokens() -> nn.Module:
+    """TokenNet with seeded weights."""
+    torch.manual_seed(5)
+    return TokenNet().eval()
+
+
 # ---- ONNX files of the models above, made once per test session -------------------------------
 
 import functools  # noqa: E402

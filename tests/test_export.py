@@ -52,6 +52,14 @@ def test_multiple_inputs_and_outputs(tmp_path):
     assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)
 
 
+def test_integer_inputs(tmp_path):
+    out = tmp_path / "tokens.onnx"
+    result = export_cli("models_for_tests:make_tokens", "--input-shape", "tokens=2x7:int64", "-o", out,
+                        "--legacy", "--verify")
+    assert result.exit_code == 0, result.output
+    assert onnx.load(str(out)).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+
+
 def test_weights_are_loaded(tmp_path):
     import torch
 
