@@ -73,11 +73,11 @@ def report_table(report: VerifyReport) -> Table:
     for o in report.outputs:
         named_reference = report.reference_kind == "onnx" and o.reference_name != o.name
         name = f"{o.name} = {o.reference_name}" if named_reference else o.name
-        table.add_row(
-            f"{name} [{'x'.join(map(str, o.shape))}]", f"{o.max_abs:.2e}", f"{o.max_rel:.2e}",
-            f"{o.mean_abs:.2e}", f"{o.cosine:.6f}", f"{o.outside_share:.2%}",
-            f"{o.nonfinite_candidate}/{o.nonfinite_reference}", "ok" if o.passed else "FAIL",
-        )
+        metrics = [f"{o.max_abs:.2e}", f"{o.max_rel:.2e}", f"{o.mean_abs:.2e}", f"{o.cosine:.6f}",
+                   f"{o.outside_share:.2%}", f"{o.nonfinite_candidate}/{o.nonfinite_reference}"]
+        if o.problem:  # not compared, e.g. different shapes
+            metrics = ["-"] * len(metrics)
+        table.add_row(f"{name} [{'x'.join(map(str, o.shape))}]", *metrics, "ok" if o.passed else "FAIL")
     return table
 
 
