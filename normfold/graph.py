@@ -46,7 +46,17 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     and functions, with value_info limited to the entries `like` had."""
     graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True)
     graph.toposort(recurse_subgraphs=True)
-    exported = gs.export_onnx(graph, do_type_check=False)
+    # graphsurgeon renames the TensorProtos it was imported from (the caller's
+    # model) to the tensor names it exports: put their names back afterwards.
+    names = [(proto, proto.name if proto.HasField("name") else None) for proto in _lazy_protos(graph)]
+    try:
+        exported = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for proto, name in names:
+            if name is None:
+                proto.ClearField("name")
+            else:
+                proto.name = name
     _restrict_value_info(exported.graph, {vi.name for vi in like.graph.value_info})
 
     opsets = _merged_opsets(like, exported)
@@ -56,6 +66,20 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     copy_model_fields(like, exported, skip=("graph", "opset_import", "functions"))
     exported.opset_import.extend(opsets)
     return exported
+
+
+def _lazy_protos(graph: gs.Graph):
+    """The imported TensorProtos behind `graph`'s constants, node attributes and
+    subgraphs included."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and type(tensor._values) is LazyValues:
+            yield tensor._values.tensor
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Constant) and type(value._values) is LazyValues:
+                yield value._values.tensor
+            elif isinstance(value, gs.Graph):
+                yield from _lazy_protos(value)
 
 
 def export_detached(graph: gs.Graph, like: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, DetachedTensor]]:

@@ -139,17 +139,21 @@ def _constant_node_value(node: gs.Node) -> np.ndarray:
 
 
 def _evaluate(tensor: gs.Variable, opset: int) -> np.ndarray:
-    """Run the constant-only subgraph that computes `tensor` with onnx.reference."""
-    nodes: list[gs.Node] = []
-    inits: dict[str, gs.Constant] = {}
-    stack, seen = [tensor], set()
+    """Run the constant-only subgraph that computes `tensor` with onnx.reference.
+
+    Inputs a node reads only for their static type or shape count as constants
+    too: `CastLike(v, like)` becomes `Cast(v, to=type of like)`, and `Shape(t)`
+    of a tensor whose shape is fully known is that shape.
+    """
+    nodes: dict[int, onnx.NodeProto] = {}
+    leaves: dict[str, np.ndarray] = {}
+    stack = [tensor]
     while stack:
         t = stack.pop()
-        if t.name in seen:
+        if t.name in leaves or any(t.name in n.output for n in nodes.values()):
             continue
-        seen.add(t.name)
         if isinstance(t, gs.Constant):
-            inits[t.name] = t
+            leaves[t.name] = _array(t)
             continue
         node = producer(t)
         if node is None:
@@ -158,17 +162,24 @@ def _evaluate(tensor: gs.Variable, opset: int) -> np.ndarray:
             raise NotConstant(f"'{tensor.name}' depends on {node.op} node '{node.name}'")
         if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
             raise NotConstant(f"'{tensor.name}' depends on control flow node '{node.name}'")
-        if node not in nodes:
-            nodes.append(node)
+        if node.op == "Shape" and _static_shape(node.inputs[0]) is not None:
+            leaves[t.name] = _shape_value(node)
+            continue
+        proto = OnnxExporter.export_node(node)
+        reads = [i for i in node.inputs if i.name]
+        if node.op == "CastLike" and _static_dtype(node.inputs[1]) is not None:
+            proto = onnx.helper.make_node("Cast", [proto.input[0]], list(proto.output), to=_static_dtype(node.inputs[1]))
+            reads = reads[:1]
+        nodes[id(node)] = proto
         if len(nodes) > _MAX_CONSTANT_SUBGRAPH:
             raise NotConstant(f"'{tensor.name}' is computed by a large subgraph")
-        stack.extend(i for i in node.inputs if i.name)
+        stack.extend(reads)
     graph = onnx.helper.make_graph(
-        [OnnxExporter.export_node(n) for n in reversed(nodes)],
+        _in_order(list(nodes.values()), set(leaves)),
         "constant",
         inputs=[],
         outputs=[onnx.helper.make_empty_tensor_value_info(tensor.name)],
-        initializer=[numpy_helper.from_array(_array(c), c.name) for c in inits.values()],
+        initializer=[numpy_helper.from_array(np.asarray(v), name) for name, v in leaves.items()],
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=8)
     try:
@@ -176,6 +187,42 @@ def _evaluate(tensor: gs.Variable, opset: int) -> np.ndarray:
     except Exception as exc:  # the reference evaluator's errors are of many types
         raise NotConstant(f"'{tensor.name}' could not be evaluated ({type(exc).__name__})") from exc
     return np.asarray(value)
+
+
+def _in_order(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """`nodes` in an order where each node's inputs are computed before it."""
+    ordered, pending = [], list(nodes)
+    while pending:
+        ready = [n for n in pending if all(not i or i in available for i in n.input)]
+        if not ready:
+            raise NotConstant("constant subgraph has a cycle")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+            pending.remove(node)
+    return ordered
+
+
+def _static_shape(t: gs.Tensor) -> tuple[int, ...] | None:
+    shape = t.shape
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return tuple(shape)
+
+
+def _static_dtype(t: gs.Tensor) -> int | None:
+    if t.dtype is None:
+        return None
+    if isinstance(t.dtype, int):
+        return t.dtype
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+
+
+def _shape_value(shape_node: gs.Node) -> np.ndarray:
+    dims = _static_shape(shape_node.inputs[0])
+    start = int(shape_node.attrs.get("start", 0))
+    end = shape_node.attrs.get("end")
+    return np.array(dims[start:None if end is None else int(end)], dtype=np.int64)
 
 
 class NameScope:
