@@ -21,6 +21,7 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile("normfold-quick", parent=settings.get_profile("normfold"), max_examples=8)
+settings.register_profile("normfold-stress", parent=settings.get_profile("normfold"), max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "normfold"))
 
 

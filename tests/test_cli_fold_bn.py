@@ -358,3 +358,33 @@ def test_version():
     assert code == 0
     assert normfold.__version__ in out
     assert version("normfold") == normfold.__version__
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_large_shared_weight_through_the_cli(tmp_path, external):
+    """A weight over normfold's 'large tensor' size shared by two convs, only
+    one followed by BN: the file-level path (weights loaded lazily, written one
+    at a time) must fold into a copy and keep the other conv exact."""
+    from graphs import G
+
+    g = G(rng=np.random.default_rng(3))
+    w = g.const(g.randn([16, 8, 3, 3]))  # 1152 elements
+    x1, x2 = g.input([1, 8, 5, 5], name="x1"), g.input([1, 8, 5, 5], name="x2")
+    out1, _ = g.bn(g.conv(x1, 8, 16, [3, 3], weight=w, pads=[1, 1, 1, 1]), 16)
+    out2 = g.conv(x2, 8, 16, [3, 3], weight=w, pads=[1, 1, 1, 1])
+    g.output(out1)
+    g.output(out2)
+    model = g.model()
+    src = tmp_path / "shared.onnx"
+    if external:
+        save_with_external_data(model, src, "shared.onnx.data")
+    else:
+        src.write_bytes(model.SerializeToString())
+    code, _, err = run_cli("fold-bn", src, "-o", tmp_path / "out.onnx")
+    assert code == 0, err
+    folded = onnx.load(str(tmp_path / "out.onnx"))
+    assert count_op(folded, "BatchNormalization") == 0
+    refs, gots = ort_run(model, g.feeds), ort_run(folded, g.feeds)
+    for ref, got in zip(refs, gots):
+        assert max_err(got, ref) <= 1e-5 * max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_array_equal(gots[1], refs[1])

@@ -354,3 +354,60 @@ def test_bn_params_in_fp64_arithmetic(dtype):
     folded, _ = fold(model)
     assert count_op(folded, "BatchNormalization") == 0
     assert_same_outputs(model, folded, g.feeds)
+
+
+def _retype(model, src: int, dst: int):
+    """Copy of `model` with every `src`-typed initializer, input and output
+    converted to `dst` (float32 <-> bfloat16, exact from bf16 to fp32)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    np_dst = {TensorProto.BFLOAT16: ml_dtypes.bfloat16, TensorProto.FLOAT: np.float32}[dst]
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i, t in enumerate(out.graph.initializer):
+        if t.data_type == src:
+            arr = numpy_helper.to_array(t).astype(np.float32).astype(np_dst)
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, t.name))
+    for vi in list(out.graph.input) + list(out.graph.output):
+        if vi.type.tensor_type.elem_type == src:
+            vi.type.tensor_type.elem_type = dst
+    return out
+
+
+@given(seed=seeds, kind=st.sampled_from(["gemm", "matmul+add", "bn->gemm"]))
+def test_bf16_model_folds_and_stays_bf16(seed, kind):
+    """onnxruntime has no bf16 CPU kernels: fold the bf16 model, then compare
+    both models widened (exactly) to fp32; the difference is bf16 rounding of
+    the folded weights only."""
+    from onnx import TensorProto
+
+    from graphs import ort_run
+
+    g = G(np.float32, rng=np.random.default_rng(seed))
+    x = g.input([3, 4])
+    if kind == "bn->gemm":
+        h, bn = g.bn(x, 4)
+        out = g.op("Gemm", [h, g.const(g.randn([4, 5])), g.const(g.randn([5]))])
+        into, how = "Gemm", "forward"
+    else:
+        if kind == "gemm":
+            y = g.op("Gemm", [x, g.const(g.randn([5, 4])), g.const(g.randn([5]))], transB=1, beta=0.5)
+            into = "Gemm"
+        else:
+            y = g.op("Add", [g.op("MatMul", [x, g.const(g.randn([4, 5]))]), g.const(g.randn([5]))])
+            into = "MatMul"
+        out, bn = g.bn(y, 5)
+        how = "backward"
+    g.output(out)
+    bf16 = _retype(g.model(), TensorProto.FLOAT, TensorProto.BFLOAT16)
+    folded, report = fold(bf16)
+    assert count_op(folded, "BatchNormalization") == 0
+    assert_folded(report, bn, into, how)
+    types = {t.data_type for t in folded.graph.initializer}
+    assert types == {TensorProto.BFLOAT16}, f"folded initializers are not all bf16: {types}"
+    [ref] = ort_run(_retype(bf16, TensorProto.BFLOAT16, TensorProto.FLOAT), g.feeds)
+    [got] = ort_run(_retype(folded, TensorProto.BFLOAT16, TensorProto.FLOAT), g.feeds)
+    scale = max(1.0, float(np.abs(ref).max()))
+    assert np.max(np.abs(got - ref)) <= 16 * 2.0**-8 * scale

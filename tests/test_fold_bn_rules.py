@@ -616,3 +616,61 @@ def test_bn_output_read_inside_a_subgraph_is_not_folded_forward():
     for value in (True, False):
         assert_same_outputs(model, folded, dict(g.feeds, **{cond: np.array(value)}))
     assert_kept(model, folded, report, bn)
+
+
+def test_input_with_unnamed_constant_value_is_not_modified():
+    """TorchScript writes Constant values as tensors without a name field;
+    fold_bn must not touch them in the caller's ModelProto."""
+    g = G(opset=13)
+    x = g.input([1, 3, 5, 5])
+    _, _, out, _ = conv_bn(g)
+    axes = numpy_helper.from_array(np.array([2], dtype=np.int64))
+    axes.ClearField("name")
+    g.nodes.append(helper.make_node("Constant", [], ["axes"], name="axes_const", value=axes))
+    g.output(g.op("Unsqueeze", [out, "axes"]))
+    g.output(g.op("Relu", [x]))
+    model = g.model()
+    before = model.SerializeToString()
+    import normfold
+
+    folded, _ = normfold.fold_bn(model)
+    assert model.SerializeToString() == before, "fold_bn modified its input ModelProto"
+    assert count_op(folded, "BatchNormalization") == 0
+
+
+def test_bn_in_scan_body_is_folded():
+    c = 3
+    g = G(opset=17)
+    xs = g.input([4, 1, c, 5, 5])  # scanned over axis 0
+    body = G(name="scan_body", rng=g.rng)
+    x_t = body.input([1, c, 5, 5], name="x_t")
+    y = body.conv(x_t, c, 2, [3, 3], pads=[1, 1, 1, 1])
+    out, bn = body.bn(y, 2)
+    body.output(out, shape=[1, 2, 5, 5])
+    ys = g.op("Scan", [xs], body=body.graph(), num_scan_inputs=1)
+    g.output(ys, shape=[4, 1, 2, 5, 5])
+    model = g.model()
+    folded, report = fold(model)
+    assert count_op(folded, "BatchNormalization") == 0
+    assert [(c.into, c.how) for c in changes_for(report, bn)] == [("Conv", "backward")]
+    assert_same_outputs(model, folded, g.feeds)
+
+
+def test_bn_params_shared_with_a_kept_bn_are_not_changed():
+    """Two BNs read the same parameter initializers; one folds, the other stays
+    and must still see the original statistics."""
+    g = G()
+    c = 4
+    names = [g.const(a) for a in bn_params(g.rng, c)]
+    x = g.input([2, 3, 5, 5])
+    y = g.conv(x, 3, c, [3, 3], pads=[1, 1, 1, 1])
+    out1, bn1 = g.bn(y, c, param_names=names)
+    x2 = g.input([2, c, 3, 3])
+    out2, bn2 = g.bn(x2, c, param_names=names)
+    g.output(out1)
+    g.output(g.op("Relu", [out2]))
+    model = g.model()
+    folded, report = fold(model)
+    assert [(c.into, c.how) for c in changes_for(report, bn1)] == [("Conv", "backward")]
+    assert_kept(model, folded, report, bn2)
+    assert_same_outputs(model, folded, g.feeds)
