@@ -162,6 +162,9 @@ def _evaluate(tensor: gs.Variable, opset: int) -> np.ndarray:
             raise NotConstant(f"'{tensor.name}' depends on {node.op} node '{node.name}'")
         if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
             raise NotConstant(f"'{tensor.name}' depends on control flow node '{node.name}'")
+        if node.op == "Constant" and not node.inputs:
+            leaves[t.name] = _constant_node_value(node)
+            continue
         if node.op == "Shape" and _static_shape(node.inputs[0]) is not None:
             leaves[t.name] = _shape_value(node)
             continue
