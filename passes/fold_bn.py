@@ -312,9 +312,10 @@ _BACKWARD = {
 def _fold_forward(graph: gs.Graph, bn: Affine, names: NameScope) -> str:
     if is_observable(graph, bn.y):
         raise Skip("output is a graph output")
-    readers = consumers(bn.y)
+    # Readers of only y's type or shape (which x shares) just move over to x.
+    readers = [r for r in consumers(bn.y) if not _reads_only_type_or_shape(r, bn.y)]
     if not readers:
-        raise Skip("output is unused")
+        raise Skip("output feeds no layer")
     local = {id(n) for n in graph.nodes}
     updates = []
     for reader in readers:  # check every reader before changing any
@@ -324,13 +325,26 @@ def _fold_forward(graph: gs.Graph, bn: Affine, names: NameScope) -> str:
         if reader.inputs[0] is not bn.y or any(t is bn.y for t in reader.inputs[1:]):
             raise Skip(f"BN output is not only the data input of {reader.op} '{reader.name}'")
         updates.append(plan(graph, reader, bn, names))
-    x = bn.x
+    x, y = bn.x, bn.y
     bn.node.inputs.clear()
     bn.node.outputs.clear()
-    for reader, update in zip(readers, updates):
-        reader.inputs[0] = x
+    for reader in consumers(y):
+        for index, tensor in enumerate(reader.inputs):
+            if tensor is y:
+                reader.inputs[index] = x
+    for update in updates:
         update()
     return "+".join(sorted({r.op for r in readers}))
+
+
+def _reads_only_type_or_shape(node: gs.Node, tensor: gs.Tensor) -> bool:
+    """Whether `node` uses `tensor` only for its dtype or shape (Shape, CastLike's
+    target), which BN leaves unchanged."""
+    if not is_standard(node):
+        return False
+    if node.op == "Shape":
+        return True
+    return node.op == "CastLike" and node.inputs[0] is not tensor
 
 
 def _forward_conv(graph, conv, bn, names):
