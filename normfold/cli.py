@@ -51,12 +51,14 @@ def main():
     """normfold: make ONNX models exported from PyTorch deployment-ready.
 
     Folds inference BatchNorm into neighbouring Conv/ConvTranspose/Gemm/MatMul
-    layers, explains every one it leaves, and checks the result.
+    layers, explains every one it leaves, and proves the result equivalent to
+    the original ONNX or PyTorch model.
 
     \b
     Example:
       normfold demo                      # see it work on built-in models
       normfold fold-bn model.onnx -o model.folded.onnx
+      normfold verify model.folded.onnx --against model.onnx
     """
 
 
