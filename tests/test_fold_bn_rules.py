@@ -674,3 +674,18 @@ def test_bn_params_shared_with_a_kept_bn_are_not_changed():
     assert [(c.into, c.how) for c in changes_for(report, bn1)] == [("Conv", "backward")]
     assert_kept(model, folded, report, bn2)
     assert_same_outputs(model, folded, g.feeds)
+
+
+def test_bn_output_also_read_by_shape_still_folds_forward():
+    """A Shape reader sees only BN's output shape, which equals its input's:
+    the forward fold stays exact, and the Shape result must not change."""
+    g = G()
+    x = g.input([2, 3, 4, 4])
+    h, bn = g.bn(x, 3)
+    g.output(g.conv(h, 3, 2, [1, 1]))
+    g.output(g.op("Shape", [h]), dtype=np.int64)
+    model = g.model()
+    folded, report = fold(model)
+    assert count_op(folded, "BatchNormalization") == 0
+    assert_same_outputs(model, folded, g.feeds)
+    np.testing.assert_array_equal(ort_run(folded, g.feeds)[1], [2, 3, 4, 4])
