@@ -40,13 +40,13 @@ command -v cmake >/dev/null || { fail BUILD_FAILED.txt "cmake not found"; exit 1
 
 NVCC="$(command -v nvcc || true)"
 [ -z "$NVCC" ] && [ -x /usr/local/cuda/bin/nvcc ] && NVCC=/usr/local/cuda/bin/nvcc
-build() {  # build DIR CUDA(ON|OFF)
+build() {  # build DIR CUDA(ON|OFF) TARGET
     cmake -S "$HERE" -B "$1" -DCMAKE_BUILD_TYPE=Release -DORT_INCLUDE_DIR="$INCLUDE" \
         -DNORMFOLD_CUDA="$2" ${NVCC:+-DCMAKE_CUDA_COMPILER="$NVCC"} >"$1.log" 2>&1 \
-        && cmake --build "$1" -j "$JOBS" >>"$1.log" 2>&1
+        && cmake --build "$1" -j "$JOBS" --target "$3" >>"$1.log" 2>&1
 }
 mkdir -p "$BUILD"
-if build "$BUILD/cpu" OFF; then
+if build "$BUILD/cpu" OFF normfold_ops; then
     cp "$BUILD/cpu/libnormfold_ops.so" "$OUT/libnormfold_ops.so.tmp" && mv "$OUT/libnormfold_ops.so.tmp" "$OUT/libnormfold_ops.so"
     echo "custom_ops/build.sh: built $OUT/libnormfold_ops.so"
 else
@@ -54,10 +54,12 @@ else
 fi
 
 if [ -z "$NVCC" ]; then
+    rm -f "$OUT/libnormfold_ops_cuda.so"
     echo "nvcc not found: CUDA kernels not built" > "$OUT/CUDA_BUILD_FAILED.txt"
-elif build "$BUILD/cuda" ON; then
+elif build "$BUILD/cuda" ON normfold_ops_cuda; then
     cp "$BUILD/cuda/libnormfold_ops_cuda.so" "$OUT/libnormfold_ops_cuda.so.tmp" && mv "$OUT/libnormfold_ops_cuda.so.tmp" "$OUT/libnormfold_ops_cuda.so"
     echo "custom_ops/build.sh: built $OUT/libnormfold_ops_cuda.so"
 else
-    fail CUDA_BUILD_FAILED.txt "compiling the CUDA library failed; see $BUILD/cuda.log"  # not fatal: the CPU library is built
+    rm -f "$OUT/libnormfold_ops_cuda.so"  # not fatal: the CPU library is built
+    fail CUDA_BUILD_FAILED.txt "compiling the CUDA library failed; see $BUILD/cuda.log"
 fi

@@ -26,7 +26,7 @@ struct FRNAttrs {
   }
 };
 
-template <class T>
+template <class T, bool kCuda>
 struct FilterResponseNorm {
   using A = Acc<T>;
   using Tensor = Ort::Custom::Tensor<T>;
@@ -52,6 +52,13 @@ struct FilterResponseNorm {
     const T* t = tau ? (*tau)->Data() : nullptr;
     T* y = Y.Allocate(shape);
     const int64_t channels = shape[1], spatial = numel(shape, 2);
+#ifdef NORMFOLD_WITH_CUDA
+    if constexpr (kCuda) {
+      const cuda::RowNorm p{x, g, b, t, y, shape[0] * channels, spatial, spatial, channels, attrs.epsilon, false,
+                            attrs.use_tlu ? 2 : 0};
+      return status_of(cuda::row_norm(p, cuda_dtype<T>(), cuda_stream(ctx)));
+    }
+#endif
     for_instances(
         ctx, shape[0] * channels, spatial, [&](int64_t i, int64_t lo, int64_t hi) { return squares(x + i * spatial + lo, hi - lo); },
         [&](int64_t i, int64_t lo, int64_t hi, const Moments& m) {
@@ -66,6 +73,6 @@ struct FilterResponseNorm {
 
 }  // namespace
 
-void add_filter_response_norm(OpList& ops) { add_cpu_kernels<FilterResponseNorm>(ops, "FilterResponseNorm"); }
+void add_filter_response_norm(OpList& ops) { add_kernels<FilterResponseNorm>(ops, "FilterResponseNorm"); }
 
 }  // namespace normfold

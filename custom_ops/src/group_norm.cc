@@ -31,7 +31,7 @@ struct GroupNormAttrs {
   }
 };
 
-template <class T>
+template <class T, bool kCuda>
 struct GroupNorm {
   using A = Acc<T>;
   GroupNormAttrs attrs;
@@ -51,6 +51,13 @@ struct GroupNorm {
     T* y = Y.Allocate(shape);
     const T *x = X.Data(), *gamma = scale.Data(), *beta = bias.Data();
     const int64_t spatial = numel(shape, 2), per_group = shape[1] / attrs.groups, size = per_group * spatial;
+#ifdef NORMFOLD_WITH_CUDA
+    if constexpr (kCuda) {
+      const cuda::RowNorm p{x, gamma, beta, nullptr, y, shape[0] * attrs.groups, size, spatial, attrs.groups,
+                            attrs.epsilon, true, attrs.silu ? 1 : 0};
+      return status_of(cuda::row_norm(p, cuda_dtype<T>(), cuda_stream(ctx)));
+    }
+#endif
     for_instances(
         ctx, shape[0] * attrs.groups, size,
         [&](int64_t i, int64_t lo, int64_t hi) { return moments(x + i * size + lo, hi - lo); },
@@ -75,6 +82,6 @@ struct GroupNorm {
 
 }  // namespace
 
-void add_group_norm(OpList& ops) { add_cpu_kernels<GroupNorm>(ops, "GroupNorm"); }
+void add_group_norm(OpList& ops) { add_kernels<GroupNorm>(ops, "GroupNorm"); }
 
 }  // namespace normfold

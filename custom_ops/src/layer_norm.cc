@@ -42,7 +42,7 @@ struct LayerNormAttrs {
   }
 };
 
-template <class T>
+template <class T, bool kCuda>
 struct LayerNorm {
   using A = Acc<T>;
   using Tensor = Ort::Custom::Tensor<T>;
@@ -63,6 +63,18 @@ struct LayerNorm {
     if (bias) bias_shape = (*bias)->Shape();
     if (auto e = attrs.check(shape, scale.Shape(), bias_shape); !e.empty()) return status_of(e);
     const int64_t count = attrs.param_count(shape);
+#ifdef NORMFOLD_WITH_CUDA
+    if constexpr (kCuda) {
+      const void* beta = bias ? (*bias)->Data() : nullptr;
+      T* y = Y.Allocate(shape);
+      if (attrs.channel_first)
+        return status_of(cuda::channel_norm(X.Data(), scale.Data(), beta, y, shape[0], shape[1], numel(shape, 2),
+                                            attrs.epsilon, cuda_dtype<T>(), cuda_stream(ctx)));
+      const cuda::RowNorm p{X.Data(), scale.Data(), beta, nullptr, y, count ? numel(shape) / count : 0, count, 1, 1,
+                            attrs.epsilon, true, 0};
+      return status_of(cuda::row_norm(p, cuda_dtype<T>(), cuda_stream(ctx)));
+    }
+#endif
     std::vector<A> gamma_values, beta_values;  // converted copies, fp16/bf16 only
     const A* gamma = acc_values(scale.Data(), count, gamma_values);
     if (!bias) beta_values.assign(size_t(count), A(0));  // no bias: a row of zeros
@@ -144,6 +156,6 @@ struct LayerNorm {
 
 }  // namespace
 
-void add_layer_norm(OpList& ops) { add_cpu_kernels<LayerNorm>(ops, "LayerNorm"); }
+void add_layer_norm(OpList& ops) { add_kernels<LayerNorm>(ops, "LayerNorm"); }
 
 }  // namespace normfold

@@ -6,6 +6,9 @@
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_lite_custom_op.h"
 #undef ORT_API_MANUAL_INIT
+#ifdef NORMFOLD_WITH_CUDA
+#include "cuda_kernels.h"
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -100,16 +103,36 @@ inline OrtStatusPtr ORT_API_CALL same_as_input(const OrtCustomOp*, OrtShapeInfer
   return api.ShapeInferContext_SetOutputTypeShape(ctx, 0, info);
 }
 
-/// Registers Kernel<T> for every CPU dtype (float, double, float16, bfloat16) as op `name`.
-template <template <class> class Kernel>
-void add_cpu_kernels(OpList& ops, const char* name) {
+/// Registers op `name`: Kernel<T, false> on the CPU for float, double, float16 and bfloat16, and
+/// in the CUDA library also Kernel<T, true> on CUDA for float, float16 and bfloat16.
+template <template <class, bool> class Kernel>
+void add_kernels(OpList& ops, const char* name) {
   using Ort::Custom::CreateLiteCustomOp;
-  ops.emplace_back(CreateLiteCustomOp<Kernel<float>>(name, "CPUExecutionProvider"));
-  ops.emplace_back(CreateLiteCustomOp<Kernel<double>>(name, "CPUExecutionProvider"));
-  ops.emplace_back(CreateLiteCustomOp<Kernel<Ort::Float16_t>>(name, "CPUExecutionProvider"));
-  ops.emplace_back(CreateLiteCustomOp<Kernel<Ort::BFloat16_t>>(name, "CPUExecutionProvider"));
-  for (size_t i = ops.size() - 4; i < ops.size(); ++i) ops[i]->InferOutputShapeFn = same_as_input;
+  const size_t first = ops.size();
+  ops.emplace_back(CreateLiteCustomOp<Kernel<float, false>>(name, "CPUExecutionProvider"));
+  ops.emplace_back(CreateLiteCustomOp<Kernel<double, false>>(name, "CPUExecutionProvider"));
+  ops.emplace_back(CreateLiteCustomOp<Kernel<Ort::Float16_t, false>>(name, "CPUExecutionProvider"));
+  ops.emplace_back(CreateLiteCustomOp<Kernel<Ort::BFloat16_t, false>>(name, "CPUExecutionProvider"));
+#ifdef NORMFOLD_WITH_CUDA
+  ops.emplace_back(CreateLiteCustomOp<Kernel<float, true>>(name, "CUDAExecutionProvider"));
+  ops.emplace_back(CreateLiteCustomOp<Kernel<Ort::Float16_t, true>>(name, "CUDAExecutionProvider"));
+  ops.emplace_back(CreateLiteCustomOp<Kernel<Ort::BFloat16_t, true>>(name, "CUDAExecutionProvider"));
+#endif
+  for (size_t i = first; i < ops.size(); ++i) ops[i]->InferOutputShapeFn = same_as_input;
 }
+
+#ifdef NORMFOLD_WITH_CUDA
+/// The CUDA kernels' dtype tag of storage type T.
+template <class T>
+constexpr cuda::Dtype cuda_dtype() {
+  if constexpr (std::is_same_v<T, Ort::Float16_t>) return cuda::Dtype::f16;
+  else if constexpr (std::is_same_v<T, Ort::BFloat16_t>) return cuda::Dtype::bf16;
+  else return cuda::Dtype::f32;
+}
+
+/// The CUDA stream onnxruntime runs this kernel on.
+inline void* cuda_stream(OrtKernelContext* ctx) { return Ort::KernelContext(ctx).GetGPUComputeStream(); }
+#endif
 
 // Each op's file adds its kernels (register.cc calls them).
 void add_group_norm(OpList& ops);

@@ -4,12 +4,6 @@
 
 #include "norm_common.h"
 
-#ifdef NORMFOLD_WITH_CUDA
-namespace normfold {
-void add_cuda_ops(OpList& ops);  // cuda_ops.cc
-}
-#endif
-
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
@@ -26,9 +20,6 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       normfold::add_rms_norm(ops);
       normfold::add_filter_response_norm(ops);
       normfold::add_weight_norm(ops);
-#ifdef NORMFOLD_WITH_CUDA
-      normfold::add_cuda_ops(ops);
-#endif
     }
     Ort::CustomOpDomain domain{normfold::kDomain};
     for (auto& op : ops) domain.Add(op.get());

@@ -37,7 +37,7 @@ double machine_epsilon() {
   else return std::numeric_limits<T>::epsilon();
 }
 
-template <class T>
+template <class T, bool kCuda>
 struct RMSNorm {
   using A = Acc<T>;
   using Tensor = Ort::Custom::Tensor<T>;
@@ -57,10 +57,17 @@ struct RMSNorm {
     if (scale) scale_shape = (*scale)->Shape();
     if (auto e = attrs.check(shape, scale_shape); !e.empty()) return status_of(e);
     const int64_t d = numel(shape, size_t(attrs.first_axis(shape.size())));
+    const double epsilon = attrs.epsilon ? double(*attrs.epsilon) : machine_epsilon<T>();
+#ifdef NORMFOLD_WITH_CUDA
+    if constexpr (kCuda) {
+      const cuda::RowNorm p{X.Data(), scale ? (*scale)->Data() : nullptr, nullptr, nullptr, Y.Allocate(shape),
+                            d ? numel(shape) / d : 0, d, 1, 1, float(epsilon), false, 0};
+      return status_of(cuda::row_norm(p, cuda_dtype<T>(), cuda_stream(ctx)));
+    }
+#endif
     std::vector<A> gamma_values;  // converted copy (fp16/bf16), or ones without scale
     if (!scale) gamma_values.assign(size_t(d), A(1));
     const A* gamma = scale ? acc_values((*scale)->Data(), d, gamma_values) : gamma_values.data();
-    const double epsilon = attrs.epsilon ? double(*attrs.epsilon) : machine_epsilon<T>();
     const T* x = X.Data();
     T* y = Y.Allocate(shape);
     for_instances(
@@ -79,6 +86,6 @@ struct RMSNorm {
 
 }  // namespace
 
-void add_rms_norm(OpList& ops) { add_cpu_kernels<RMSNorm>(ops, "RMSNorm"); }
+void add_rms_norm(OpList& ops) { add_kernels<RMSNorm>(ops, "RMSNorm"); }
 
 }  // namespace normfold

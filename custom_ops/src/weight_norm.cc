@@ -20,7 +20,7 @@ struct WeightNormAttrs {
   }
 };
 
-template <class T>
+template <class T, bool kCuda>
 struct WeightNorm {
   using A = Acc<T>;
   using Tensor = Ort::Custom::Tensor<T>;
@@ -41,6 +41,11 @@ struct WeightNorm {
     const int64_t outer = numel(shape, 0, dim), d = shape[dim], inner = numel(shape, dim + 1);
     const T *v = V.Data(), *g = G.Data();
     T* w = W.Allocate(shape);
+#ifdef NORMFOLD_WITH_CUDA
+    if constexpr (kCuda) {
+      return status_of(cuda::weight_norm(v, g, w, outer, d, inner, cuda_dtype<T>(), cuda_stream(ctx)));
+    }
+#endif
     std::vector<double> factor(static_cast<size_t>(d));  // g_j / ||v_j||
     parallel_for(ctx, d, [&](int64_t j) {
       Moments m;
@@ -58,6 +63,6 @@ struct WeightNorm {
 
 }  // namespace
 
-void add_weight_norm(OpList& ops) { add_cpu_kernels<WeightNorm>(ops, "WeightNorm"); }
+void add_weight_norm(OpList& ops) { add_kernels<WeightNorm>(ops, "WeightNorm"); }
 
 }  // namespace normfold

@@ -1,0 +1,34 @@
+// CUDA kernels of the normfold ops, callable from plain C++ (the op files): each launcher
+// enqueues on `stream` and returns "" or the CUDA error. Storage types: float, half, bfloat16;
+// arithmetic in float.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace normfold::cuda {
+
+enum class Dtype { f32, f16, bf16 };
+
+/// `count` instances of `size` contiguous elements, normalized each on its own (GroupNorm, FRN,
+/// last-axes LayerNorm and RMSNorm). Element k of instance i uses parameter
+/// (i % period) * (size / spatial) + k / spatial.
+struct RowNorm {
+  const void *x, *gamma, *beta, *tau;  // gamma/beta/tau may be null
+  void* y;
+  int64_t count, size, spatial, period;
+  float epsilon;
+  bool centered;     // subtract the mean (GroupNorm, LayerNorm) or not (RMSNorm, FRN)
+  int activation;    // 0 none, 1 SiLU, 2 TLU max(y, tau)
+};
+
+std::string row_norm(const RowNorm& p, Dtype dtype, void* stream);
+
+/// N x C x S, normalized over C for every (n, s) (channel-first LayerNorm).
+std::string channel_norm(const void* x, const void* gamma, const void* beta, void* y, int64_t n, int64_t c,
+                         int64_t s, float epsilon, Dtype dtype, void* stream);
+
+/// V as outer x D x inner: w = g_j v / ||v_j|| for every j of D.
+std::string weight_norm(const void* v, const void* g, void* w, int64_t outer, int64_t d, int64_t inner, Dtype dtype,
+                        void* stream);
+
+}  // namespace normfold::cuda
