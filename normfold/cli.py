@@ -197,7 +197,7 @@ def verify_command(candidate, reference, weights, shapes, inputs_path, seed, sam
 @click.option("--input-shape", "input_shapes", multiple=True, required=True, metavar="[NAME=]SHAPE[:DTYPE]",
               help="Shape of a forward argument, e.g. 1x3x224x224 or tokens=1x128:int64 (repeatable; "
                    "float32 unless a dtype is given).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Where to write the ONNX model.")
 @weights_option
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")

@@ -14,7 +14,7 @@ import click
 def output_options(func):
     """`-o/--output PATH` and `--inplace` for commands that write a model."""
 
-    @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+    @click.option("-o", "--output", type=click.Path(path_type=Path),
                   help="Where to write the result (default: MODEL with a '.folded' suffix added before .onnx).")
     @click.option("--inplace", is_flag=True, help="Replace MODEL with the result (atomically).")
     @functools.wraps(func)

@@ -311,6 +311,10 @@ def save_model(
             f"{out}: refusing to overwrite the input model; pass -o OUT to write elsewhere "
             "or --inplace to replace it"
         )
+    if any(_same_file(out, p) for p in protect):
+        raise NormfoldError(f"{out}: is the input's external data file; refusing to overwrite it, choose another -o path")
+    if out.is_dir():
+        raise NormfoldError(f"{out}: is a folder; give the path of the .onnx file to write")
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise NormfoldError(f"{out}: output folder {folder} does not exist; create it first")
