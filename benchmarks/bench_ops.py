@@ -1,0 +1,195 @@
+"""Benchmark the com.normfold CPU kernels against what onnxruntime runs without them.
+
+For each op at three sizes, in one run, on the CPU provider with 2 intra-op threads
+(onnxruntime optimizations on for every variant):
+  custom      the com.normfold op
+  decomposed  the subgraph the PyTorch exporters leave (built with onnx.helper)
+  standard    onnxruntime's standard op where one exists (LayerNormalization-17,
+              GroupNormalization-21, RMSNormalization-23; channel-first LN as Transpose-LN-Transpose)
+  copy        numpy copy of the same bytes (np.copyto into a preallocated array): the memory floor
+Variants are timed in interleaved rounds (median), so load from other processes hits all alike.
+
+    python benchmarks/bench_ops.py [--rounds 15] [--out benchmarks/RESULTS_ops.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from normfold.ops_library import DOMAIN  # noqa: E402
+from normfold.runtime import make_session  # noqa: E402
+
+F = TensorProto.FLOAT
+
+
+def model(nodes, x_shape, params, opset=17, out="Y"):
+    """A graph with input X, constant `params` (name -> array) and output `out`."""
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in params.items()]
+    graph = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info("X", F, list(x_shape))],
+                              [helper.make_tensor_value_info(out, F, None)], initializer=inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)])
+    m.ir_version = 10
+    return m
+
+
+def n(op, inputs, outputs, **attrs):
+    return helper.make_node(op, inputs, outputs, **attrs)
+
+
+def custom(op, inputs, **attrs):
+    return [helper.make_node(op, ["X", *inputs], ["Y"], domain=DOMAIN, **attrs)]
+
+
+def layer_norm_decomposed(axes, scale="scale", bias="bias"):
+    """ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add over `axes` (exporters at opset < 17, ConvNeXt LN2d)."""
+    return [n("ReduceMean", ["X"], ["m"], axes=axes), n("Sub", ["X", "m"], ["d"]), n("Pow", ["d", "two"], ["d2"]),
+            n("ReduceMean", ["d2"], ["v"], axes=axes), n("Add", ["v", "eps"], ["ve"]), n("Sqrt", ["ve"], ["s"]),
+            n("Div", ["d", "s"], ["nrm"]), n("Mul", ["nrm", scale], ["sc"]), n("Add", ["sc", bias], ["Y"])]
+
+
+def cases():
+    """(op, shape, variants) with variants: name -> (model, inputs-are-X-only)."""
+    rng = np.random.default_rng(0)
+    two, eps = np.float32(2.0), np.float32(1e-5)
+    for shape, groups in [((8, 128, 64, 64), 32), ((2, 320, 32, 32), 32), ((1, 64, 128, 128), 8)]:
+        c = shape[1]
+        g, b = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+        cshape = np.array([1, c] + [1] * (len(shape) - 2), np.int64)
+        dec = [n("Reshape", ["X", "gshape"], ["r"]), n("InstanceNormalization", ["r", "ones", "zeros"], ["i"], epsilon=1e-5),
+               n("Reshape", ["i", "xshape"], ["r2"]), n("Mul", ["r2", "gc"], ["m"]), n("Add", ["m", "bc"], ["Y"])]
+        yield "GroupNorm", shape, {
+            "custom": model(custom("GroupNorm", ["scale", "bias"], num_groups=groups), shape, dict(scale=g, bias=b)),
+            "decomposed": model(dec, shape, dict(gshape=np.array([shape[0], groups, -1], np.int64), xshape=np.array(shape, np.int64),
+                                                 ones=np.ones(groups, np.float32), zeros=np.zeros(groups, np.float32),
+                                                 gc=g.reshape(cshape), bc=b.reshape(cshape))),
+            "standard": model([n("GroupNormalization", ["X", "scale", "bias"], ["Y"], num_groups=groups)], shape,
+                              dict(scale=g, bias=b), opset=21),
+        }
+    for shape in [(8, 128, 64, 64), (8, 256, 56, 56), (1, 96, 56, 56)]:
+        c = shape[1]
+        g, b = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+        cshape = np.array([1, c, 1, 1], np.int64)
+        yield "LayerNorm channel-first", shape, {
+            "custom": model(custom("LayerNorm", ["scale", "bias"], channel_first=1), shape, dict(scale=g, bias=b)),
+            "decomposed": model(layer_norm_decomposed([1]), shape, dict(scale=g.reshape(cshape), bias=b.reshape(cshape), two=two, eps=eps)),
+            "standard": model([n("Transpose", ["X"], ["t"], perm=[0, 2, 3, 1]), n("LayerNormalization", ["t", "scale", "bias"], ["l"], axis=-1),
+                               n("Transpose", ["l"], ["Y"], perm=[0, 3, 1, 2])], shape, dict(scale=g, bias=b)),
+        }
+    for shape in [(32, 512, 1024), (8, 197, 768), (64, 128, 256)]:
+        d = shape[-1]
+        g, b = rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+        yield "LayerNorm last-axis", shape, {
+            "custom": model(custom("LayerNorm", ["scale", "bias"], axis=-1), shape, dict(scale=g, bias=b)),
+            "decomposed": model(layer_norm_decomposed([-1]), shape, dict(scale=g, bias=b, two=two, eps=eps)),
+            "standard": model([n("LayerNormalization", ["X", "scale", "bias"], ["Y"], axis=-1)], shape, dict(scale=g, bias=b)),
+        }
+    for shape in [(32, 512, 1024), (8, 197, 768), (16, 256, 2048)]:
+        g = rng.standard_normal(shape[-1]).astype(np.float32)
+        dec = [n("Pow", ["X", "two"], ["p"]), n("ReduceMean", ["p"], ["m"], axes=[-1]), n("Add", ["m", "eps"], ["a"]),
+               n("Sqrt", ["a"], ["s"]), n("Reciprocal", ["s"], ["r"]), n("Mul", ["X", "r"], ["nrm"]), n("Mul", ["nrm", "scale"], ["Y"])]
+        yield "RMSNorm", shape, {
+            "custom": model(custom("RMSNorm", ["scale"], epsilon=1e-5), shape, dict(scale=g)),
+            "decomposed": model(dec, shape, dict(scale=g, two=two, eps=eps)),
+            "standard": model([n("RMSNormalization", ["X", "scale"], ["Y"], axis=-1, epsilon=1e-5)], shape, dict(scale=g), opset=23),
+        }
+    for shape in [(8, 128, 64, 64), (8, 64, 112, 112), (32, 256, 14, 14)]:
+        c = shape[1]
+        p = {k: rng.standard_normal(c).astype(np.float32) for k in ("gamma", "beta", "tau")}
+        pc = {k + "c": v.reshape(1, c, 1, 1) for k, v in p.items()}
+        dec = [n("Pow", ["X", "two"], ["p"]), n("ReduceMean", ["p"], ["nu2"], axes=[2, 3]), n("Add", ["nu2", "eps"], ["a"]),
+               n("Sqrt", ["a"], ["s"]), n("Reciprocal", ["s"], ["r"]), n("Mul", ["X", "r"], ["nrm"]),
+               n("Mul", ["nrm", "gammac"], ["sc"]), n("Add", ["sc", "betac"], ["y"]), n("Max", ["y", "tauc"], ["Y"])]
+        yield "FilterResponseNorm", shape, {
+            "custom": model(custom("FilterResponseNorm", ["gamma", "beta", "tau"], epsilon=1e-5), shape, p),
+            "decomposed": model(dec, shape, dict(pc, two=two, eps=eps)),
+        }
+    for shape in [(512, 512, 3, 3), (256, 128, 3, 3), (1024, 1024, 1, 1)]:
+        g = rng.standard_normal(shape[0]).astype(np.float32)
+        dec = [n("Pow", ["X", "two"], ["p"]), n("ReduceSum", ["p", "axes"], ["s"]), n("Sqrt", ["s"], ["nrm"]),
+               n("Div", ["g4", "nrm"], ["f"]), n("Mul", ["X", "f"], ["Y"])]
+        yield "WeightNorm", shape, {
+            "custom": model(custom("WeightNorm", ["g"], dim=0), shape, dict(g=g)),
+            "decomposed": model(dec, shape, dict(two=two, axes=np.array([1, 2, 3], np.int64), g4=g.reshape(-1, 1, 1, 1))),
+        }
+
+
+def measure(variants: dict, x: np.ndarray, rounds: int) -> dict:
+    """Median seconds per variant, timed in interleaved rounds; a variant onnxruntime refuses is left out."""
+    runs = {}
+    for name, m in variants.items():
+        try:
+            session = make_session(m, optimize=True, threads=2)
+        except Exception as exc:  # noqa: BLE001 - e.g. an op this onnxruntime does not implement
+            print(f"  {name}: not run ({str(exc).splitlines()[0][:100]})", file=sys.stderr)
+            continue
+        runs[name] = lambda s=session: s.run(None, {"X": x})
+    out = np.empty_like(x)
+    runs["copy"] = lambda: np.copyto(out, x)
+    times = {name: [] for name in runs}
+    for f in runs.values():
+        f()
+    for _ in range(rounds):
+        for name, f in runs.items():
+            start = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS_ops.md")
+    args = parser.parse_args()
+    rng = np.random.default_rng(1)
+    rows, best_ratio = [], {}
+    for op, shape, variants in cases():
+        x = (rng.standard_normal(shape) + 0.5).astype(np.float32)
+        t = measure(variants, x, args.rounds)
+        existing = {k: v for k, v in t.items() if k in ("decomposed", "standard")}
+        best = min(existing, key=existing.get)
+        speedup = existing[best] / t["custom"]
+        best_ratio.setdefault(op, []).append((speedup, t.get("standard"), t["custom"]))
+        cells = [f"{t[k] * 1e3:.2f}" if k in t else "n/a" for k in ("custom", "decomposed", "standard", "copy")]
+        rows.append(f"| {op} | {'x'.join(map(str, shape))} | " + " | ".join(cells)
+                    + f" | {best} | {speedup:.2f}x | {t['custom'] / t['copy']:.2f} |")
+        print(rows[-1], flush=True)
+    auto = []
+    for op, results in best_ratio.items():
+        faster_than_standard = [std is None or custom < std for _, std, custom in results]
+        pick = "custom" if all(faster_than_standard) else ("standard" if not any(faster_than_standard) else "custom (mixed)")
+        auto.append(f"| {op} | {pick} | {', '.join(f'{s:.2f}x' for s, _, _ in results)} |")
+    write(args, rows, auto)
+
+
+def write(args, rows, auto) -> None:
+    lines = [
+        "# Custom-op benchmark (CPU, 2 threads)", "",
+        f"Date: 2026-11-23 (run {datetime.datetime.now():%H:%M}). Machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{platform.processor() or 'CPU'}; onnxruntime {ort.__version__}, numpy {np.__version__}, fp32.",
+        f"Command: `python benchmarks/bench_ops.py --rounds {args.rounds}`", "",
+        "Median ms per run over interleaved rounds; onnxruntime optimizations on for every variant.",
+        "`speedup` = best existing onnxruntime path (decomposed export or standard op) / custom op;",
+        "`custom/copy` = custom op time / numpy copy of the same bytes (the memory-bandwidth floor).", "",
+        "| op | shape | custom | decomposed | standard | copy | best existing | speedup | custom/copy |",
+        "|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "## What `--target auto` should pick (custom where it beat the standard op at every size)", "",
+        "| op | pick | speedup over best existing path, per size |", "|---|---|---|", *auto, "",
+    ]
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
