@@ -579,13 +579,14 @@ def render_section(results: dict) -> str:
         f"Run {results['date']} with `{results['command']}`.",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, shared with other jobs "
-        f"(1-minute load average before each run in the JSON); Python {m['python']}, onnx {m['onnx']}, "
-        f"onnxruntime {m['onnxruntime']} (CPU).",
+        "(1-minute load average just before each run: "
+        + ", ".join(f"{r['tool']} {r['load_avg_before']}" for r in rows)
+        + f"); Python {m['python']}, onnx {m['onnx']}, onnxruntime {m['onnxruntime']} (CPU).",
         "",
         f"Model (`{results['model_path']}`, seed {facts['spec']['seed']}): {size / MB:.0f} MB in one file "
         f"({facts['weight_bytes'] / MB:.0f} MB of fp32 weights), {facts['nodes']} nodes, "
         f"input 1x{facts['spec']['channels']}x{facts['spec']['spatial']}x{facts['spec']['spatial']}, "
-        f"{facts['conv_bn_pairs']} conv+BN pairs cycling through "
+        f"{facts['conv_bn_pairs']} conv+BN pairs, each in a residual block x + BN(conv(relu(x))), cycling through "
         + ", ".join(f"{k} ({v})" for k, v in facts["block_kinds"].items())
         + f"; plus BN on the input -> Conv 1x1 (forward fold), a head Flatten -> BN -> Gemm -> BN "
         f"(one forward, one backward fold) and one BN after Concat (not foldable). "
@@ -685,6 +686,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900, help="seconds per tool run (default 900)")
     p.add_argument("--quick", action="store_true", help="tiny model (12 pairs, 8 channels) for a smoke run")
     p.add_argument("--generate-only", action="store_true", help="write the model and stop")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite the report from OUT/results.json without running anything")
     p.add_argument("--regenerate", action="store_true", help="rebuild the model even if an identical one exists")
     p.add_argument("--results-md", type=Path, default=RESULTS_MD,
                    help="markdown file to update (not touched with --quick)")
@@ -706,6 +709,10 @@ def _display_path(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Generate the model, run every tool, check the outputs, write the report."""
     args = parse_args(argv)
+    if args.render_only:
+        results = json.loads((args.out / "results.json").read_text())
+        write_report(results, args.out, None if args.quick else args.results_md)
+        return 0
     channels = args.channels or channels_for(args.pairs, args.target_mb)
     spec = ModelSpec(pairs=args.pairs, channels=channels, seed=args.seed,
                      **({"classes": 10} if args.quick else {}))
@@ -751,12 +758,17 @@ def main(argv: list[str] | None = None) -> int:
                "model_path": _display_path(model_path), "tools": tools,
                "generator_rel_error": generator_error, "runs": runs}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_report(results, out, None if args.quick else args.results_md)
+    return 0
+
+
+def write_report(results: dict, out: Path, results_md: Path | None) -> None:
+    """Write OUT/results.md, update `results_md` (unless None) and print the section."""
     section = render_section(results)
     (out / "results.md").write_text(f"{SECTION_TITLE}\n\n{section}\n")
-    if not args.quick:
-        update_results_md(args.results_md, section)
+    if results_md is not None:
+        update_results_md(results_md, section)
     print("\n" + section)
-    return 0
 
 
 if __name__ == "__main__":
