@@ -27,24 +27,24 @@ OPS_DIR = Path(__file__).resolve().parent / "_ops"
 _FAILURE_NOTES = {"cpu": "BUILD_FAILED.txt", "cuda": "CUDA_BUILD_FAILED.txt"}
 
 
+def _find(override_variable: str, name: str) -> str | None:
+    override = os.environ.get(override_variable)
+    if override:
+        return override if Path(override).is_file() else None
+    candidate = OPS_DIR / name
+    return str(candidate) if candidate.is_file() else None
+
+
 def ops_library_path() -> str | None:
     """Path of the built CPU custom-op library, or None when it is not built.
     `NORMFOLD_OPS_LIBRARY` overrides the search."""
-    override = os.environ.get("NORMFOLD_OPS_LIBRARY")
-    if override:
-        return override if Path(override).is_file() else None
-    candidate = OPS_DIR / LIBRARY_NAME
-    return str(candidate) if candidate.is_file() else None
+    return _find("NORMFOLD_OPS_LIBRARY", LIBRARY_NAME)
 
 
 def cuda_ops_library_path() -> str | None:
     """Path of the built CPU+CUDA custom-op library, or None when it is not built.
     `NORMFOLD_CUDA_OPS_LIBRARY` overrides the search."""
-    override = os.environ.get("NORMFOLD_CUDA_OPS_LIBRARY")
-    if override:
-        return override if Path(override).is_file() else None
-    candidate = OPS_DIR / CUDA_LIBRARY_NAME
-    return str(candidate) if candidate.is_file() else None
+    return _find("NORMFOLD_CUDA_OPS_LIBRARY", CUDA_LIBRARY_NAME)
 
 
 def build_failure(kind: str = "cpu") -> str | None:
