@@ -106,8 +106,7 @@ def _fold_graph(graph, opset, names, direction, standalone, report, where) -> No
                 break
             else:
                 reasons[id(node)] = "; ".join(failures)
-    graph.cleanup()
-    for node in [n for n in graph.nodes if n.op == BN]:
+    for node in [n for n in graph.nodes if n.op == BN and n.outputs]:  # folded ones have none
         reason = reasons.get(id(node), "not examined")
         if standalone == "affine":
             try:
