@@ -51,20 +51,23 @@ def main():
     """normfold: make ONNX models exported from PyTorch deployment-ready.
 
     Folds inference BatchNorm into neighbouring Conv/ConvTranspose/Gemm/MatMul
-    layers, explains every one it leaves, and proves the result equivalent to
-    the original ONNX or PyTorch model.
+    layers, replaces the subgraphs exporters emit for GroupNorm, LayerNorm,
+    RMSNorm, Filter Response Norm and weight norm with single fast ops,
+    explains everything it leaves, and proves the result equivalent to the
+    original ONNX or PyTorch model.
 
     \b
     Example:
       normfold demo                      # see it work on built-in models
       normfold fold-bn model.onnx -o model.folded.onnx
+      normfold fuse model.onnx -o model.fused.onnx
       normfold verify model.folded.onnx --against model.onnx
     """
 
 
 @main.command("fold-bn")
 @click.argument("model", type=click.Path(path_type=Path))
-@output_options
+@output_options(".folded")
 @click.option("--direction", type=click.Choice(["both", "backward", "forward"]), default="both", show_default=True,
               help="backward: into the layer producing the BN input; forward: into the layers consuming its output.")
 @click.option("--standalone", type=click.Choice(["keep", "affine"]), default="keep", show_default=True,
@@ -89,6 +92,52 @@ def fold_bn_command(model, output, inplace, direction, standalone, json_path, qu
 
     out = output_path(model, output, inplace, ".folded")
     summary = fold_bn_file(model, out, inplace=inplace, direction=direction, standalone=standalone)
+    _emit(summary, json_path, quiet)
+
+
+@main.command("fuse")
+@click.argument("model", type=click.Path(path_type=Path))
+@output_options(".fused")
+@click.option("--ops", default="gn,ln,rms,frn,wn", show_default=True, metavar="LIST",
+              help="Comma-separated kinds to fuse: gn (GroupNorm), ln (LayerNorm), rms (RMSNorm), "
+                   "frn (Filter Response Norm), wn (weight norm / weight standardisation).")
+@click.option("--target", type=click.Choice(["auto", "custom", "standard"]), default="auto", show_default=True,
+              help="custom: com.normfold ops (need normfold's onnxruntime library); standard: ONNX "
+                   "LayerNormalization-17 / GroupNormalization-21 / RMSNormalization-23 where the model's "
+                   "opset has them (others are left as they are); auto: per kind, what runs fastest in "
+                   "onnxruntime (custom GroupNorm, channel-first LayerNorm and FRN; standard LayerNorm and "
+                   "RMSNorm where the opset has them, else custom).")
+@json_option
+@quiet_option
+def fuse_command(model, output, inplace, ops, target, json_path, quiet):
+    """Replace normalization subgraphs with one op each.
+
+    Finds what the PyTorch exporters emit for GroupNorm (+SiLU), LayerNorm
+    (last axes, channel-first as in ConvNeXt, Transpose-LN-Transpose),
+    RMSNorm, Filter Response Norm (+TLU) and weight norm, and replaces each
+    with a single node. Matching is exact: every constant and layout is
+    checked, and anything that only looks similar is left alone and listed
+    with the reason. Constant weight norm / weight standardisation is computed
+    offline. Models using com.normfold ops run in any onnxruntime session that
+    registers normfold.ops_library_path() (see README). MODEL is never
+    modified unless --inplace.
+
+    \b
+    Example:
+      normfold fuse unet.onnx -o unet.fused.onnx
+      normfold fuse llm.onnx --ops rms,ln --target standard --json report.json
+      normfold verify unet.fused.onnx --against unet.onnx
+    """
+    from .commands import fuse_file
+    from .passes.fuse_norms import OPS
+
+    kinds = tuple(k.strip() for k in ops.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in OPS]
+    if unknown or not kinds:
+        raise click.BadParameter(f"unknown kind(s) {', '.join(unknown) or '(none given)'}; choose from "
+                                 f"{', '.join(OPS)}", param_hint="--ops")
+    out = output_path(model, output, inplace, ".fused")
+    summary = fuse_file(model, out, inplace=inplace, ops=kinds, target=target)
     _emit(summary, json_path, quiet)
 
 

@@ -11,17 +11,21 @@ from pathlib import Path
 import click
 
 
-def output_options(func):
-    """`-o/--output PATH` and `--inplace` for commands that write a model."""
+def output_options(suffix: str):
+    """`-o/--output PATH` and `--inplace` for commands that write a model; by
+    default the result goes next to MODEL with `suffix` added before .onnx."""
 
-    @click.option("-o", "--output", type=click.Path(path_type=Path),
-                  help="Where to write the result (default: MODEL with a '.folded' suffix added before .onnx).")
-    @click.option("--inplace", is_flag=True, help="Replace MODEL with the result (atomically).")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
+    def decorate(func):
+        @click.option("-o", "--output", type=click.Path(path_type=Path),
+                      help=f"Where to write the result (default: MODEL with '{suffix}' added before .onnx).")
+        @click.option("--inplace", is_flag=True, help="Replace MODEL with the result (atomically).")
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            return func(*args, **kwargs)
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 def json_option(func):

@@ -47,6 +47,21 @@ def fold_bn_file(model_path: Path, out: Path, *, inplace: bool, direction: str, 
     return rewrite_file(model_path, out, inplace, [(fold_bn, {"direction": direction, "standalone": standalone})])
 
 
+def fuse_file(model_path: Path, out: Path, *, inplace: bool, ops: tuple[str, ...], target: str) -> RunSummary:
+    """`normfold fuse` on files: fuse, write atomically, summarise."""
+    from .passes.fuse_norms import fuse_norms
+
+    summary = rewrite_file(model_path, out, inplace, [(fuse_norms, {"ops": ops, "target": target})])
+    summary.watched_ops = tuple(op for op in FUSE_WATCHED if summary.ops_before.get(op) or summary.ops_after.get(op))
+    return summary
+
+
+# ops whose counts show what fusing did: the decomposed pieces and the fused ops
+FUSE_WATCHED = ("InstanceNormalization", "ReduceMean", "ReduceL2", "Sqrt", "GroupNormalization",
+                "LayerNormalization", "RMSNormalization", "GroupNorm", "LayerNorm", "RMSNorm",
+                "FilterResponseNorm", "WeightNorm")
+
+
 def rewrite_file(model_path: Path, out: Path, inplace: bool, passes: list[tuple[GraphPass, dict]]) -> RunSummary:
     """Load `model_path`, apply `passes` in order, write `out`, summarise. Weights
     no pass changed are never copied in memory."""

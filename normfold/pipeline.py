@@ -34,3 +34,17 @@ def fold_bn(
     from .passes.fold_bn import fold_bn as fold_bn_pass
 
     return run_pass(model, fold_bn_pass, direction=direction, standalone=standalone)
+
+
+def fuse(model: onnx.ModelProto, *, ops=("gn", "ln", "rms", "frn", "wn"), target: str = "auto"
+         ) -> tuple[onnx.ModelProto, PassReport]:
+    """Replace the normalization subgraphs of `model` (GroupNorm, LayerNorm, RMSNorm,
+    Filter Response Norm, weight norm) with one op each.
+
+    ops: kinds to fuse; target: "custom" (com.normfold ops, run with the library of
+    `normfold.ops_library_path()`), "standard" (ONNX ops where the opset has them) or
+    "auto" (per kind, the faster in onnxruntime). Returns (new model, report).
+    """
+    from .passes.fuse_norms import fuse_norms
+
+    return run_pass(model, fuse_norms, ops=tuple(ops), target=target)

@@ -33,7 +33,7 @@ from .graph_helpers import (
     is_standard,
     only_consumer_is,
     producer,
-    subgraphs,
+    walk_graphs,
 )
 
 BN = "BatchNormalization"
@@ -71,13 +71,13 @@ def fold_bn(graph: gs.Graph, direction: str = "both", standalone: str = "keep") 
     if standalone not in ("keep", "affine"):
         raise ValueError(f"standalone must be keep or affine, not {standalone!r}")
     report = PassReport("fold-bn")
-    _fold_graph(graph, graph.opset, NameScope(graph), direction, standalone, report, "")
+    names = NameScope(graph)
+    for g, where in walk_graphs(graph):
+        _fold_graph(g, graph.opset, names, direction, standalone, report, where)
     return report
 
 
 def _fold_graph(graph, opset, names, direction, standalone, report, where) -> None:
-    for sub in list(subgraphs(graph)):
-        _fold_graph(sub, opset, names, direction, standalone, report, f"{where}/{sub.name}" if where else sub.name)
     folds = []
     if direction in ("both", "backward"):
         folds.append(("backward", _fold_backward))

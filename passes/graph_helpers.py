@@ -273,12 +273,28 @@ def bypass(node: gs.Node, replacement: gs.Tensor) -> None:
     replacement_producer.outputs[index] = out
 
 
+def replace_input(tensor: gs.Tensor, replacement: gs.Tensor) -> None:
+    """Every node reading `tensor` reads `replacement` instead."""
+    for reader in consumers(tensor):
+        for i, t in enumerate(reader.inputs):
+            if t is tensor:
+                reader.inputs[i] = replacement
+
+
 def subgraphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     """Graphs nested in `graph`'s nodes (If branches, Loop and Scan bodies)."""
     for node in graph.nodes:
         for value in node.attrs.values():
             if isinstance(value, gs.Graph):
                 yield value
+
+
+def walk_graphs(graph: gs.Graph, where: str = "") -> Iterator[tuple[gs.Graph, str]]:
+    """`graph` and every graph nested in it, innermost first, each with its
+    path of graph names ('' for the main graph)."""
+    for sub in list(subgraphs(graph)):
+        yield from walk_graphs(sub, f"{where}/{sub.name}" if where else sub.name)
+    yield graph, where
 
 
 def int_attr(node: gs.Node, name: str, default: int) -> int:
