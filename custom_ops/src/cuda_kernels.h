@@ -1,6 +1,6 @@
 // CUDA kernels of the normfold ops, callable from plain C++ (the op files): each launcher
 // enqueues on `stream` and returns "" or the CUDA error. Storage types: float, half, bfloat16;
-// arithmetic in float.
+// arithmetic in float. Nothing is allocated and nothing synchronises.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -8,6 +8,11 @@
 namespace normfold::cuda {
 
 enum class Dtype { f32, f16, bf16 };
+
+/// Which kernel a launcher uses. `automatic`: the single-read on-chip kernel when the slice fits
+/// in shared memory, else the two-pass kernel. The others force one (tests, benchmarks); forcing
+/// `on_chip` for a slice that does not fit returns an error.
+enum class Path { automatic, on_chip, two_pass };
 
 /// `count` instances of `size` contiguous elements, normalized each on its own (GroupNorm, FRN,
 /// last-axes LayerNorm and RMSNorm). Element k of instance i uses parameter
@@ -22,13 +27,20 @@ struct RowNorm {
 };
 
 std::string row_norm(const RowNorm& p, Dtype dtype, void* stream);
+std::string row_norm(const RowNorm& p, Dtype dtype, void* stream, Path path);
 
 /// N x C x S, normalized over C for every (n, s) (channel-first LayerNorm).
 std::string channel_norm(const void* x, const void* gamma, const void* beta, void* y, int64_t n, int64_t c,
                          int64_t s, float epsilon, Dtype dtype, void* stream);
+std::string channel_norm(const void* x, const void* gamma, const void* beta, void* y, int64_t n, int64_t c,
+                         int64_t s, float epsilon, Dtype dtype, void* stream, Path path);
 
 /// V as outer x D x inner: w = g_j v / ||v_j|| for every j of D.
 std::string weight_norm(const void* v, const void* g, void* w, int64_t outer, int64_t d, int64_t inner, Dtype dtype,
                         void* stream);
+
+/// Whether `automatic` would take the on-chip kernel on the current device (for reports).
+bool row_fits_on_chip(int64_t size, Dtype dtype);
+bool channel_fits_on_chip(int64_t c, Dtype dtype);
 
 }  // namespace normfold::cuda
