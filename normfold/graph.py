@@ -22,23 +22,37 @@ from .passes.graph_helpers import DeferredValues
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """A graphsurgeon graph of `model`, with inferred shapes on its tensors."""
-    original_info = list(model.graph.value_info)
+    """A graphsurgeon graph of `model`, with inferred shapes on its tensors
+    (subgraphs of If/Loop/Scan included). `model` is left as it was."""
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
-        known = {vi.name for vi in original_info}
-        known.update(i.name for i in model.graph.input)
-        known.update(o.name for o in model.graph.output)
-        extra = [vi for vi in inferred.graph.value_info if vi.name not in known]
+        pairs = list(_paired_graphs(model.graph, inferred.graph))
     except (onnx.shape_inference.InferenceError, RuntimeError):
-        extra = []  # shapes stay unknown; passes that need one skip with a reason
-    model.graph.value_info.extend(extra)
+        pairs = []  # shapes stay unknown; passes that need one skip with a reason
+    saved = [(g, list(g.value_info)) for g, _ in pairs]
+    for g, inferred_graph in pairs:
+        known = {vi.name for vi in g.value_info} | {i.name for i in g.input} | {o.name for o in g.output}
+        g.value_info.extend(vi for vi in inferred_graph.value_info if vi.name not in known)
     try:
         graph = gs.import_onnx(model)
     finally:
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(original_info)
+        for g, info in saved:
+            del g.value_info[:]
+            g.value_info.extend(info)
+    # graphsurgeon keeps `model.opset_import` itself and appends new domains to it on export
+    graph.import_domains = [onnx.helper.make_opsetid(o.domain, o.version) for o in model.opset_import]
     return graph
+
+
+def _paired_graphs(graph: onnx.GraphProto, twin: onnx.GraphProto):
+    """(graph, twin) and the same pairs for their subgraphs; `twin` has the same nodes."""
+    yield graph, twin
+    for node, twin_node in zip(graph.node, twin.node):
+        for attr, twin_attr in zip(node.attribute, twin_node.attribute):
+            if attr.HasField("g"):
+                yield from _paired_graphs(attr.g, twin_attr.g)
+            for sub, twin_sub in zip(attr.graphs, twin_attr.graphs):
+                yield from _paired_graphs(sub, twin_sub)
 
 
 def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:

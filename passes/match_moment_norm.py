@@ -87,17 +87,11 @@ def _match_core(m: Match, reduce: gs.Node) -> Core:
         raise NoMatch(f"rank of '{d.name}' is unknown")
     axes = reduce_axes(m, reduce, rank)
     x, centered = _uncentered(m, d, axes, rank)
-    add = m.sole_consumer(reduce.outputs[0], "Add")
-    if add is None:
-        raise NoMatch(f"mean square '{reduce.outputs[0].name}' is not followed by Add(ε) alone")
-    m.take(add)
+    add = m.next(reduce.outputs[0], "Add")
     epsilon = m.scalar(other_input(add, reduce.outputs[0]), f"epsilon of Add '{add.name}'")
     if epsilon < 0:
         raise NoMatch(f"epsilon is negative ({epsilon:g})")
     normalized = _divide_by_root(m, d, add.outputs[0])
-    for reader in consumers(d):
-        if not any(reader is n for n in m.nodes):
-            raise NoMatch(f"'{d.name}' is also read by {reader.op} '{reader.name}'")
     return Core(x, centered, axes, epsilon, normalized)
 
 
@@ -119,10 +113,7 @@ def _uncentered(m: Match, d: gs.Tensor, axes, rank) -> tuple[gs.Tensor, bool]:
 
 def _divide_by_root(m: Match, d: gs.Tensor, shifted: gs.Tensor) -> gs.Tensor:
     """x̂ = d / sqrt(`shifted`) in any of its exported spellings; takes the nodes."""
-    root = m.sole_consumer(shifted, "Sqrt", "Pow")
-    if root is None:
-        raise NoMatch(f"'{shifted.name}' is not followed by Sqrt (or Pow ±0.5) alone")
-    m.take(root)
+    root = m.next(shifted, "Sqrt", "Pow")
     power = 0.5 if root.op == "Sqrt" else m.scalar(root.inputs[1], f"exponent of Pow '{root.name}'")
     r = root.outputs[0]
     if power == 0.5:  # r = sqrt: x̂ = d / r, or d * (1 / r)

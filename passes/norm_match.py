@@ -51,6 +51,18 @@ class Match:
             raise NoMatch(f"'{tensor.name}' comes from {found}, not {'/'.join(ops)}")
         return self.take(node)
 
+    def next(self, tensor: gs.Tensor, *ops: str) -> gs.Node:
+        """The only reader of `tensor`, which must be one of `ops`; taken."""
+        if is_observable(self.graph, tensor):
+            raise NoMatch(f"intermediate '{tensor.name}' is a graph output")
+        readers = consumers(tensor)
+        if len(readers) != 1:
+            raise NoMatch(f"intermediate '{tensor.name}' is read by {len(readers)} nodes, expected one {'/'.join(ops)}")
+        node = readers[0]
+        if node.op not in ops or not is_standard(node):
+            raise NoMatch(f"'{tensor.name}' is read by {node.op} '{node.name}', not {'/'.join(ops)}")
+        return self.take(node)
+
     def sole_consumer(self, tensor: gs.Tensor, *ops: str) -> gs.Node | None:
         """The only reader of `tensor` if it is one of `ops` (not taken), else None."""
         readers = consumers(tensor)
