@@ -23,7 +23,7 @@ from normfold.report import PassReport
 
 from . import match_group_norm, match_moment_norm
 from .fold_weight_norm import fold_weight_norm
-from .graph_helpers import NameScope, walk_graphs
+from .graph_helpers import NameScope, is_constant, walk_graphs
 from .norm_emit import TARGETS, FusedNorm, emit
 from .norm_match import Match, NoMatch
 
@@ -68,8 +68,8 @@ def _fuse_at(graph, opset, node, ops, target, names, report, where) -> None:
             continue
         try:
             fused = matcher(Match(graph, opset), node)
-            if fused.family not in ops:
-                return
+            if fused.family not in ops or is_constant(fused.x, opset):
+                return  # another kind, or a norm of a constant (the wn part computes those offline)
             into, replaced = emit(graph, names, fused, target, opset)
         except NoMatch as why:
             if why.candidate:

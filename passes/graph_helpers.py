@@ -71,6 +71,15 @@ def constant_value(tensor: gs.Tensor | None, opset: int) -> np.ndarray:
     return _evaluate(tensor, opset)
 
 
+def is_constant(tensor: gs.Tensor, opset: int) -> bool:
+    """Whether `tensor` is computable from constants alone (see `constant_value`)."""
+    try:
+        constant_value(tensor, opset)
+    except NotConstant:
+        return False
+    return True
+
+
 def _array(constant: gs.Constant) -> np.ndarray:
     values = constant._values
     if isinstance(values, DeferredValues):

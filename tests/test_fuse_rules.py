@@ -432,3 +432,72 @@ def test_two_norms_in_sequence_and_shared_input():
     fused, report = fuse(model, target="custom")
     assert sorted(n.op_type for n in custom_nodes(fused)) == ["LayerNorm", "RMSNorm"]
     assert_matches(model, fused, g.feeds)
+
+
+# ----------------------------------------------------------------- weight norm / standardisation
+
+def _weight_norm(g: G, v: str, gain: str, dim: int, rank: int, order: str) -> str:
+    axes = [a for a in range(rank) if a != dim]
+    norm = g.op("ReduceL2", [v], axes=axes, keepdims=1)
+    if order == "v_div_norm_mul_g":
+        return g.op("Mul", [g.op("Div", [v, norm]), gain])
+    return g.op("Mul", [v, g.op("Div", [gain, norm])])
+
+
+@pytest.mark.parametrize("order", ["v_div_norm_mul_g", "v_mul_g_div_norm"])
+def test_constant_weight_norm_is_computed_offline(order):
+    g = G(opset=17)
+    x = g.input([2, 3, 7, 7])
+    v, gain = g.randn([8, 3, 3, 3]), np.abs(g.randn([8, 1, 1, 1])) + 0.5
+    w = _weight_norm(g, g.const(v), g.const(gain), 0, 4, order)
+    g.output(g.op("Conv", [x, w, g.const(g.randn([8]))], kernel_shape=[3, 3]))
+    model = g.model()
+    fused, report = fuse(model)
+    assert [n.op_type for n in fused.graph.node] == ["Conv"]
+    assert [c.how for c in report.changes] == ["weight norm"]
+    weight = next(onnx.numpy_helper.to_array(t) for t in fused.graph.initializer
+                  if t.name == fused.graph.node[0].input[1])
+    v32 = v.astype(np.float32).astype(np.float64)
+    exact = gain.astype(np.float32) * v32 / np.sqrt((v32**2).sum(axis=(1, 2, 3), keepdims=True))
+    assert np.abs(weight - exact).max() <= 1e-6 * np.abs(exact).max()
+    assert_matches(model, fused, g.feeds)
+
+
+def test_constant_weight_standardisation_is_computed_offline():
+    g = G(opset=17)
+    x = g.input([2, 3, 4])
+    w = g.const(g.randn([5, 4]))
+    d = g.op("Sub", [w, reduce_mean(g, w, (1,))])
+    ws = g.op("Div", [d, g.op("Sqrt", [g.op("Add", [reduce_mean(g, g.op("Mul", [d, d]), (1,)),
+                                                    g.const(np.array(1e-5))])])])
+    g.output(g.op("MatMul", [x, g.op("Transpose", [ws], perm=[1, 0])]), shape=[2, 3, 5])
+    model = g.model()
+    fused, report = fuse(model)
+    assert [n.op_type for n in fused.graph.node] == ["MatMul"]
+    assert len(report.changes) == 1 and not custom_nodes(fused)
+    assert_matches(model, fused, g.feeds)
+
+
+@pytest.mark.parametrize("dim, order", [(0, "v_div_norm_mul_g"), (1, "v_mul_g_div_norm")])
+def test_runtime_weight_norm_becomes_one_op(dim, order):
+    g = G(opset=17)
+    v = g.input([6, 5, 3])
+    gain_shape = [1, 1, 1]
+    gain_shape[dim] = [6, 5, 3][dim]
+    gain = g.const(np.abs(g.randn(gain_shape)) + 0.5)
+    g.output(_weight_norm(g, v, gain, dim, 3, order))
+    model = g.model()
+    fused, report = fuse(model)
+    node = single_op(fused, "WeightNorm")
+    assert attrs(node)["dim"] == dim and len(fused.graph.node) == 1
+    assert_matches(model, fused, g.feeds)
+
+
+def test_weight_norm_with_a_norm_over_two_kept_axes_is_left():
+    g = G(opset=17)
+    v = g.input([6, 5, 3])
+    norm = g.op("ReduceL2", [v], axes=[2], keepdims=1)
+    g.output(g.op("Mul", [g.op("Div", [v, norm]), g.const(np.ones([6, 5, 1]))]))
+    model = g.model()
+    fused, report = fuse(model)
+    assert not custom_nodes(fused) and len(fused.graph.node) == 3
