@@ -3,6 +3,8 @@
     x [N, C, ...] -> Reshape [N, G, -1] -> InstanceNormalization(s, b, ε) -> Reshape [shape of x]
       -> Mul(γ) -> Add(β)                                  (opsets < 21, both exporters)
     x -> GroupNormalization(scale, bias, num_groups, ε)    (18-20: per-group scale; 21+: per-channel)
+    x -> Reshape [N, G, -1] -> LayerNorm core over the last axis -> Reshape back -> Mul -> Add
+                                                           (GroupNorm written by hand)
 
 either followed, optionally, by Sigmoid(y) and Mul(y, ·) (SiLU). The
 InstanceNormalization's own scale/bias (ones and zeros as exported, but any
@@ -31,29 +33,57 @@ def match_group_norm(m: Match, anchor: gs.Node) -> FusedNorm:
         raise NoMatch("InstanceNormalization not fed by a Reshape", candidate=False)
     m.take(grouping)
     m.take(anchor)
+    ungroup = m.sole_consumer(anchor.outputs[0], "Reshape")
+    if ungroup is None:
+        raise NoMatch(f"InstanceNormalization '{anchor.name}' is not followed by a Reshape alone")
+    groups = _groups(m, grouping, grouping.inputs[0])
+    group_scale = _per_group(m, anchor, 1, groups)
+    group_bias = _per_group(m, anchor, 2, groups)
+    return _ungrouped(m, grouping, ungroup, group_scale, group_bias, float(anchor.attrs.get("epsilon", 1e-5)))
+
+
+def match_grouped_normalization(m: Match, grouped: gs.Tensor, normalized: gs.Tensor, epsilon: float) -> FusedNorm | None:
+    """GroupNorm written by hand: `normalized` is `grouped` (x reshaped to [N, G, -1])
+    normalized over its last axis, and is reshaped back to x's shape. None if not."""
+    grouping, ungroup = producer(grouped), m.sole_consumer(normalized, "Reshape")
+    if grouping is None or grouping.op != "Reshape" or not is_standard(grouping) or ungroup is None:
+        return None
+    trial = Match(m.graph, m.opset, [*m.nodes, grouping])
+    try:
+        groups = _groups(trial, grouping, grouping.inputs[0])
+        ones = np.ones(groups)
+        fused = _ungrouped(trial, grouping, ungroup, ones, 0 * ones, epsilon)
+    except NoMatch:
+        return None
+    m.nodes[:] = trial.nodes
+    return fused
+
+
+def _ungrouped(m: Match, grouping: gs.Node, ungroup: gs.Node, group_scale, group_bias, epsilon) -> FusedNorm:
+    """Finish a GroupNorm match at the Reshape back to x's shape: per-group scale/bias
+    of the grouped normalization combined with the per-channel affine that follows."""
     x = grouping.inputs[0]
     channels = static_dim(x, 1)
-    if channels is None:
-        raise NoMatch(f"channel count of '{x.name}' is unknown")
-    groups = _groups(m, grouping, x, channels)
-    ungroup = m.sole_consumer(anchor.outputs[0], "Reshape")
-    if ungroup is None or not _restores_shape(ungroup, x):
-        raise NoMatch(f"InstanceNormalization '{anchor.name}' is not followed by a Reshape back to the input shape")
+    groups = len(group_scale)
+    if not _restores_shape(ungroup, x):
+        raise NoMatch(f"Reshape '{ungroup.name}' does not restore the shape of '{x.name}'")
     m.take(ungroup)
-    group_scale = _per_group(m, anchor, 1, groups, channels)
-    group_bias = _per_group(m, anchor, 2, groups, channels)
     affine = match_affine(m, ungroup.outputs[0], x, (1,))
     for node in affine.nodes:
         m.take(node)
     gamma = affine.scale if affine.scale is not None else np.ones(channels)
     beta = affine.bias if affine.bias is not None else np.zeros(channels)
-    scale, bias = gamma * group_scale, gamma * group_bias + beta
-    epsilon = float(anchor.attrs.get("epsilon", 1e-5))
+    per_group = channels // groups
+    scale = gamma * np.repeat(group_scale, per_group)
+    bias = gamma * np.repeat(group_bias, per_group) + beta
     return _with_silu(m, x, affine, scale, bias, groups, epsilon)
 
 
-def _groups(m: Match, grouping: gs.Node, x: gs.Tensor, channels: int) -> int:
+def _groups(m: Match, grouping: gs.Node, x: gs.Tensor) -> int:
     """G of a Reshape x -> [N, G, rest] that splits each sample's channels into G groups."""
+    channels = static_dim(x, 1)
+    if channels is None:
+        raise NoMatch(f"channel count of '{x.name}' is unknown")
     grouped = grouping.outputs[0]
     if int(grouping.attrs.get("allowzero", 0)):
         raise NoMatch(f"Reshape '{grouping.name}' has allowzero=1")
@@ -81,13 +111,13 @@ def _restores_shape(reshape: gs.Node, x: gs.Tensor) -> bool:
     return same_dims(reshape.outputs[0], x)
 
 
-def _per_group(m: Match, node: gs.Node, index: int, groups: int, channels: int) -> np.ndarray:
-    """InstanceNormalization input `index` ([G] constants) repeated for each channel."""
+def _per_group(m: Match, node: gs.Node, index: int, groups: int) -> np.ndarray:
+    """InstanceNormalization input `index`: [G] constants."""
     value = m.constant(node.inputs[index], f"{'scale' if index == 1 else 'bias'} of InstanceNormalization "
                                            f"'{node.name}'").astype(np.float64).reshape(-1)
     if value.size != groups:
         raise NoMatch(f"InstanceNormalization '{node.name}' input {index} has {value.size} values for {groups} groups")
-    return np.repeat(value, channels // groups)
+    return value
 
 
 def _standard(m: Match, node: gs.Node) -> FusedNorm:

@@ -27,6 +27,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph_helpers import consumers, is_standard, producer
+from .match_group_norm import match_grouped_normalization
 from .norm_emit import FusedNorm
 from .norm_match import Affine, Match, NoMatch, match_affine, other_input, per_axes_values, rank_of, reduce_axes, static_dim
 
@@ -53,6 +54,10 @@ def match_moment_norm(m: Match, anchor: gs.Node) -> FusedNorm:
     rank = len(core.x.shape)
     last = tuple(range(core.axes[0], rank)) == core.axes
     if core.centered:
+        grouped = match_grouped_normalization(m, core.x, core.normalized, core.epsilon) if core.axes == (2,) and \
+            rank == 3 else None
+        if grouped is not None:
+            return grouped
         if last:
             return _channel_first_if_transposed(m, _layer_norm(m, core, core.axes))
         if core.axes == (1,) and rank >= 3:
