@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .model_io import LARGE_TENSOR_ELEMENTS, DetachedTensor, copy_model_fields, skeleton
-from .passes.graph_helpers import DeferredValues
+from .passes.graph_helpers import DeferredValues, names_kept
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -62,15 +62,8 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     graph.toposort(recurse_subgraphs=True)
     # graphsurgeon renames the TensorProtos it was imported from (the caller's
     # model) to the tensor names it exports: put their names back afterwards.
-    names = [(proto, proto.name if proto.HasField("name") else None) for proto in _lazy_protos(graph)]
-    try:
+    with names_kept(_lazy_protos(graph)):
         exported = gs.export_onnx(graph, do_type_check=False)
-    finally:
-        for proto, name in names:
-            if name is None:
-                proto.ClearField("name")
-            else:
-                proto.name = name
     _restrict_value_info(exported.graph, {vi.name for vi in like.graph.value_info})
 
     opsets = _merged_opsets(like, exported)

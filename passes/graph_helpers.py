@@ -3,8 +3,9 @@ consumers of, constant value of, new constant, rewire, subgraphs of."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -177,7 +178,9 @@ def _evaluate(tensor: gs.Variable, opset: int) -> np.ndarray:
         if node.op == "Shape" and _static_shape(node.inputs[0]) is not None:
             leaves[t.name] = _shape_value(node)
             continue
-        proto = OnnxExporter.export_node(node)
+        with names_kept(v._values.tensor for v in node.attrs.values()
+                        if isinstance(v, gs.Constant) and type(v._values) is LazyValues):
+            proto = OnnxExporter.export_node(node)
         reads = [i for i in node.inputs if i.name]
         if node.op == "CastLike" and _static_dtype(node.inputs[1]) is not None:
             proto = onnx.helper.make_node("Cast", [proto.input[0]], list(proto.output), to=_static_dtype(node.inputs[1]))
@@ -199,6 +202,21 @@ def _evaluate(tensor: gs.Variable, opset: int) -> np.ndarray:
     except Exception as exc:  # the reference evaluator's errors are of many types
         raise NotConstant(f"'{tensor.name}' could not be evaluated ({type(exc).__name__})") from exc
     return np.asarray(value)
+
+
+@contextmanager
+def names_kept(protos: Iterable[onnx.TensorProto]):
+    """Put back the names of `protos` afterwards: graphsurgeon's exporter renames
+    the TensorProtos a graph was imported from (the caller's model) in place."""
+    saved = [(proto, proto.name if proto.HasField("name") else None) for proto in protos]
+    try:
+        yield
+    finally:
+        for proto, name in saved:
+            if name is None:
+                proto.ClearField("name")
+            else:
+                proto.name = name
 
 
 def _in_order(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:

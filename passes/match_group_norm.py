@@ -85,11 +85,10 @@ def _groups(m: Match, grouping: gs.Node, x: gs.Tensor) -> int:
     if channels is None:
         raise NoMatch(f"channel count of '{x.name}' is unknown")
     grouped = grouping.outputs[0]
-    if int(grouping.attrs.get("allowzero", 0)):
-        raise NoMatch(f"Reshape '{grouping.name}' has allowzero=1")
     try:
         target = [int(v) for v in m.constant(grouping.inputs[1], "grouping shape").reshape(-1)]
-        batch_ok = len(target) == 3 and (target[0] == 0 or target[0] == static_dim(x, 0))
+        copies_batch = target[:1] == [0] and not int(grouping.attrs.get("allowzero", 0))
+        batch_ok = len(target) == 3 and (copies_batch or target[0] == static_dim(x, 0))
         groups = target[1] if len(target) == 3 else 0
     except NoMatch:  # a shape computed at run time: rely on the inferred output shape
         shape = grouped.shape or []

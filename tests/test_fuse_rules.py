@@ -501,3 +501,15 @@ def test_weight_norm_with_a_norm_over_two_kept_axes_is_left():
     model = g.model()
     fused, report = fuse(model)
     assert not custom_nodes(fused) and len(fused.graph.node) == 3
+
+
+def test_grouping_reshape_with_allowzero_and_a_zero_is_not_group_norm():
+    g = G(opset=17)
+    x = g.input([2, 6, 4])
+    grouped = g.op("Reshape", [x, g.const(np.array([0, 3, -1], np.int64))], allowzero=1)
+    normed = g.op("InstanceNormalization", [grouped, g.const(np.ones(3)), g.const(np.zeros(3))])
+    g.output(g.op("Reshape", [normed, g.op("Shape", [x])]), shape=[2, 6, 4])
+    model = onnx.helper.make_model(g.graph(), opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10)
+    fused, report = normfold.fuse(model, target="custom")
+    assert not custom_nodes(fused)
+    assert any("does not group" in s.reason for s in report.skipped)
