@@ -154,13 +154,15 @@ def _emit(summary, json_path: Path | None, quiet: bool) -> None:
 @click.option("--keep", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the exported and folded models in this folder.")
 def demo_command(keep):
-    """Fold BatchNorm in small built-in PyTorch networks and show the result.
+    """Fold BatchNorm and fuse norm layers in built-in PyTorch networks.
 
     Builds networks with BN in every placement normfold handles (conv→BN,
     convT→BN, Linear→BN1d, BN→conv, BN after concat, grouped and depthwise
-    conv), exports them to ONNX, folds them, runs original and folded model
-    in onnxruntime on the same input and prints BN and node counts and the
-    largest difference. Needs PyTorch (pip install 'normfold[torch]').
+    conv) and blocks with GroupNorm+SiLU, ConvNeXt's channel-first LayerNorm,
+    RMSNorm and FRN+TLU; exports them to ONNX, runs fold-bn and fuse, runs
+    original and rewritten model in onnxruntime on the same input and prints
+    node counts and the largest difference (exit 1 above 1e-5 relative).
+    Needs PyTorch (pip install 'normfold[torch]').
 
     \b
     Example:

@@ -1,4 +1,5 @@
-"""`normfold demo`: fold BatchNorm in small built-in PyTorch networks, end to end."""
+"""`normfold demo`: fold BatchNorm and fuse normalization subgraphs in small
+built-in PyTorch networks, end to end."""
 
 from __future__ import annotations
 
@@ -73,6 +74,70 @@ def _networks():
     ]
 
 
+def _norm_networks():
+    """(name, module, example input) for blocks whose norm layers `fuse` replaces."""
+    import torch
+    from torch import nn
+
+    class ResBlockGN(nn.Module):
+        """Diffusion U-Net style: GroupNorm -> SiLU -> conv, twice."""
+
+        def __init__(self, c=32):
+            super().__init__()
+            self.n1, self.c1 = nn.GroupNorm(8, c), nn.Conv2d(c, c, 3, padding=1)
+            self.n2, self.c2 = nn.GroupNorm(8, c), nn.Conv2d(c, c, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.c2(nn.functional.silu(self.n2(self.c1(nn.functional.silu(self.n1(x))))))
+
+    class ConvNeXtBlock(nn.Module):
+        """Depthwise conv -> channel-first LayerNorm (written by hand, as in ConvNeXt) -> 1x1 convs."""
+
+        def __init__(self, c=32):
+            super().__init__()
+            self.dw, self.w, self.b = nn.Conv2d(c, c, 7, padding=3, groups=c), nn.Parameter(torch.rand(c) + .5), \
+                nn.Parameter(torch.randn(c))
+            self.pw1, self.pw2 = nn.Conv2d(c, 4 * c, 1), nn.Conv2d(4 * c, c, 1)
+
+        def forward(self, x):
+            y = self.dw(x)
+            u = y.mean(1, keepdim=True)
+            y = (y - u) / torch.sqrt((y - u).pow(2).mean(1, keepdim=True) + 1e-6)
+            y = self.w[:, None, None] * y + self.b[:, None, None]
+            return x + self.pw2(nn.functional.gelu(self.pw1(y)))
+
+    class RMSNormMLP(nn.Module):
+        """Llama style: x * rsqrt(mean(x²) + ε) * γ, then an MLP."""
+
+        def __init__(self, d=64):
+            super().__init__()
+            self.g, self.up, self.down = nn.Parameter(torch.rand(d) + .5), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            y = self.g * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+            return x + self.down(nn.functional.silu(self.up(y)))
+
+    class FRNBlock(nn.Module):
+        """Filter Response Normalization with TLU after a conv."""
+
+        def __init__(self, c=16):
+            super().__init__()
+            self.conv = nn.Conv2d(3, c, 3, padding=1)
+            self.gamma, self.beta, self.tau = (nn.Parameter(torch.randn(1, c, 1, 1)) for _ in range(3))
+
+        def forward(self, x):
+            y = self.conv(x)
+            y = y * torch.rsqrt(y.pow(2).mean(dim=(2, 3), keepdim=True) + 1e-6)
+            return torch.max(self.gamma * y + self.beta, self.tau)
+
+    return [
+        ("GroupNorm+SiLU (U-Net block)", ResBlockGN(), torch.randn(2, 32, 16, 16)),
+        ("channel-first LayerNorm (ConvNeXt)", ConvNeXtBlock(), torch.randn(2, 32, 14, 14)),
+        ("RMSNorm (Llama MLP)", RMSNormMLP(), torch.randn(2, 8, 64)),
+        ("FRN+TLU", FRNBlock(), torch.randn(2, 3, 16, 16)),
+    ]
+
+
 def _randomize_bn(module, generator) -> None:
     """Give every BN non-trivial statistics: the default init would hide fold mistakes."""
     import torch
@@ -96,7 +161,6 @@ def run_demo(keep: Path | None = None) -> int:
     from rich.table import Table
 
     from .commands import fold_bn_file
-    from .runtime import make_session
 
     folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="normfold-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -111,18 +175,11 @@ def run_demo(keep: Path | None = None) -> int:
         with torch.no_grad():
             _randomize_bn(module, generator)
         source = folder / f"{index}_{name.split()[0].replace('->', '_').replace('/', '_')}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # Constant folding off: otherwise the exporter itself folds conv->BN.
-            torch.onnx.export(module, (example,), str(source), dynamo=False, do_constant_folding=False,
-                              opset_version=17, input_names=["x"], output_names=["y"])
+        _export(module, example, source, constant_folding=False)  # else the exporter itself folds conv->BN
         target = source.with_name(source.stem + ".folded.onnx")
         summary = fold_bn_file(source, target, inplace=False, direction="both", standalone="keep")
-        feed = {"x": example.numpy()}
-        before = make_session(str(source)).run(None, feed)[0]
-        after = make_session(str(target)).run(None, feed)[0]
-        diff = float(np.max(np.abs(before - after)))
-        worst = max(worst, diff / max(1.0, float(np.max(np.abs(before)))))
+        diff, relative = _max_relative_diff(source, target, example)
+        worst = max(worst, relative)
         left += [f"{name}: {skip.node}: {skip.reason}" for skip in summary.reports[0].skipped]
         table.add_row(name, str(summary.ops_before["BatchNormalization"]), str(summary.ops_after["BatchNormalization"]),
                       str(sum(summary.ops_before.values())), str(sum(summary.ops_after.values())), f"{diff:.1e}")
@@ -132,9 +189,58 @@ def run_demo(keep: Path | None = None) -> int:
         console.print("BN left in place, and why:")
         for line in left:
             console.print(f"  - {line}", highlight=False)
+    worst = max(worst, _fuse_demo(folder, console))
     console.print(f"models in {folder}" + ("" if keep else " (temporary; use --keep DIR to keep them)"))
     if worst > 1e-5:
-        console.print(f"[red]folded models differ from the originals (relative error {worst:.1e})[/]")
+        console.print(f"[red]rewritten models differ from the originals (relative error {worst:.1e})[/]")
         return 1
-    console.print("all folded models match the originals (relative error <= 1e-5)")
+    console.print("all rewritten models match the originals (relative error <= 1e-5)")
     return 0
+
+
+def _export(module, example, path: Path, constant_folding: bool) -> None:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), dynamo=False, do_constant_folding=constant_folding,
+                          opset_version=17, input_names=["x"], output_names=["y"])
+
+
+def _max_relative_diff(source: Path, target: Path, example) -> tuple[float, float]:
+    """(max |diff|, the same relative to the output scale) of two models run on `example`."""
+    from .runtime import make_session
+
+    feed = {"x": example.numpy()}
+    before = make_session(str(source)).run(None, feed)[0]
+    after = make_session(str(target)).run(None, feed)[0]
+    diff = float(np.max(np.abs(before - after)))
+    return diff, diff / max(1.0, float(np.max(np.abs(before))))
+
+
+def _fuse_demo(folder: Path, console) -> float:
+    """Fuse the norm blocks, print a table; return the worst relative difference."""
+    import torch
+    from rich.table import Table
+
+    from .commands import fuse_file
+
+    table = Table(title="normfold demo: fuse (--target auto) on exported norm layers (TorchScript, opset 17)")
+    for column in ("network", "nodes before", "nodes after", "became", "max |diff|"):
+        table.add_column(column, justify="left" if column in ("network", "became") else "right")
+    worst = 0.0
+    for index, (name, module, example) in enumerate(_norm_networks()):
+        torch.manual_seed(index)
+        module.eval()
+        source = folder / f"norm{index}_{name.split()[0].replace('+', '_')}.onnx"
+        _export(module, example, source, constant_folding=True)
+        target = source.with_name(source.stem + ".fused.onnx")
+        summary = fuse_file(source, target, inplace=False, ops=("gn", "ln", "rms", "frn", "wn"), target="auto")
+        diff, relative = _max_relative_diff(source, target, example)
+        worst = max(worst, relative)
+        kinds = summary.reports[0].counts().items()
+        became = ", ".join(f"{n} x {kind.removeprefix('com.normfold.')}" for kind, n in kinds)
+        table.add_row(name, str(sum(summary.ops_before.values())), str(sum(summary.ops_after.values())),
+                      became, f"{diff:.1e}")
+    console.print(table)
+    return worst
