@@ -654,10 +654,10 @@ KNOWN_EXPORT_FAILURES: list[tuple[frozenset, str, range | None, str]] = [
 
 # The dynamo exporter builds opset 18 and down-converts with the onnx version converter. For graphs
 # with a decomposed reduction (ReduceMean with an `axes` input: hand-written LN/RMS/FRN/GN, nn.RMSNorm,
-# weight standardisation, most look-alikes) the conversion fails and torch silently returns the
-# opset-18 model; export() raises ExportError("... the exporter wrote [18]") then. Opset 13 always
-# falls back to 18. Exported fine at dynamo 17: nn.LayerNorm cases, nn.GroupNorm cases, ln2d_permute,
-# weight norm.
+# weight norm (ReduceL2), weight standardisation, most look-alikes) the conversion fails and torch
+# silently returns the opset-18 model; export() raises ExportError("... the exporter wrote [18]") then.
+# Opset 13 always falls back to 18. Exported fine at dynamo 17: nn.LayerNorm cases, nn.GroupNorm
+# cases, ln2d_permute.
 DYNAMO_BELOW_18 = "dynamo exporter cannot down-convert this graph below opset 18 (it writes opset 18)"
 
 
