@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from .graph_helpers import consumers, is_observable, is_standard, producer
 from .norm_emit import FusedNorm
-from .norm_match import Affine, Match, NoMatch, match_affine, same_dims, static_dim
+from .norm_match import Affine, Match, NoMatch, match_affine, same_dims, static_dim, value_readers
 
 ANCHORS = ("InstanceNormalization", "GroupNormalization")
 
@@ -157,7 +157,7 @@ def _with_silu(m: Match, x, affine: Affine, scale, bias, groups: int, epsilon: f
 
 def _silu(m: Match, y: gs.Tensor) -> list[gs.Node] | None:
     """[Sigmoid, Mul] computing y * sigmoid(y), when they are `y`'s only readers."""
-    readers = consumers(y)
+    readers = value_readers(y)
     if len(readers) != 2 or is_observable(m.graph, y):
         return None
     sigmoid = next((r for r in readers if r.op == "Sigmoid" and is_standard(r)), None)
@@ -165,6 +165,6 @@ def _silu(m: Match, y: gs.Tensor) -> list[gs.Node] | None:
     if sigmoid is None or mul is None:
         return None
     s = sigmoid.outputs[0]
-    if {id(i) for i in mul.inputs} != {id(y), id(s)} or len(consumers(s)) != 1 or is_observable(m.graph, s):
+    if {id(i) for i in mul.inputs} != {id(y), id(s)} or len(value_readers(s)) != 1 or is_observable(m.graph, s):
         return None
     return [sigmoid, mul]

@@ -123,7 +123,7 @@ def _divide_by_root(m: Match, d: gs.Tensor, shifted: gs.Tensor) -> gs.Tensor:
     r = root.outputs[0]
     if power == 0.5:  # r = sqrt: x̂ = d / r, or d * (1 / r)
         step = m.sole_consumer(r, "Div", "Reciprocal")
-        if step is not None and step.op == "Div" and step.inputs[1] is r and step.inputs[0] is d:
+        if step is not None and step.op == "Div" and step.inputs[1] is r and m.same_value(step.inputs[0], d):
             return m.take(step).outputs[0]
         if step is not None and step.op == "Div" and step.inputs[1] is r:
             m.expect_scalar(step.inputs[0], 1.0, f"numerator of Div '{step.name}'")
@@ -133,7 +133,7 @@ def _divide_by_root(m: Match, d: gs.Tensor, shifted: gs.Tensor) -> gs.Tensor:
     elif power != -0.5:
         raise NoMatch(f"exponent of Pow '{root.name}' is {power:g}, expected 0.5 or -0.5")
     mul = m.sole_consumer(r, "Mul")
-    if mul is None or other_input(mul, r) is not d:
+    if mul is None or not m.same_value(other_input(mul, r), d):
         raise NoMatch(f"inverse root '{r.name}' is not multiplied into the input alone")
     return m.take(mul).outputs[0]
 

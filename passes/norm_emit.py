@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph_helpers import NameScope
-from .norm_match import NoMatch
+from .norm_match import NoMatch, retarget_type_readers
 
 DOMAIN = "com.normfold"
 TARGETS = ("auto", "custom", "standard")
@@ -118,6 +118,7 @@ def emit(graph: gs.Graph, names: NameScope, fused: FusedNorm, target: str, opset
     if any(i is None for i in inputs):
         raise AssertionError(f"{op}: an optional input in the middle is missing")
     replaced = [(n.op, n.name) for n in nodes]
+    retarget_type_readers(nodes, fused.x)
     for node in nodes:  # detach the subgraph; cleanup() drops it
         node.inputs.clear()
         node.outputs.clear()

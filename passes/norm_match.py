@@ -55,7 +55,7 @@ class Match:
         """The only reader of `tensor`, which must be one of `ops`; taken."""
         if is_observable(self.graph, tensor):
             raise NoMatch(f"intermediate '{tensor.name}' is a graph output")
-        readers = consumers(tensor)
+        readers = value_readers(tensor)
         if len(readers) != 1:
             raise NoMatch(f"intermediate '{tensor.name}' is read by {len(readers)} nodes, expected one {'/'.join(ops)}")
         node = readers[0]
@@ -65,11 +65,23 @@ class Match:
 
     def sole_consumer(self, tensor: gs.Tensor, *ops: str) -> gs.Node | None:
         """The only reader of `tensor` if it is one of `ops` (not taken), else None."""
-        readers = consumers(tensor)
+        readers = value_readers(tensor)
         if len(readers) != 1 or is_observable(self.graph, tensor):
             return None
         node = readers[0]
         return node if node.op in ops and is_standard(node) else None
+
+    def same_value(self, a: gs.Tensor, b: gs.Tensor) -> bool:
+        """Whether `a` is `b`, or a recomputation of it by an identical node (exporters
+        without optimization compute `x - mean` twice); such a twin node is taken."""
+        if a is b:
+            return True
+        twin, node = producer(a), producer(b)
+        if twin is None or node is None or twin.op != node.op or twin.attrs != node.attrs or \
+                len(twin.inputs) != len(node.inputs) or any(i is not j for i, j in zip(twin.inputs, node.inputs)):
+            return False
+        self.take(twin)
+        return True
 
     def constant(self, tensor: gs.Tensor | None, what: str) -> np.ndarray:
         """The value of `tensor`, which must be computable from constants."""
@@ -101,9 +113,31 @@ class Match:
                     continue
                 if is_observable(self.graph, out):
                     raise NoMatch(f"intermediate '{out.name}' is a graph output")
-                outside = [r for r in consumers(out) if id(r) not in inside]
+                outside = [r for r in value_readers(out) if id(r) not in inside]
                 if outside:
                     raise NoMatch(f"intermediate '{out.name}' is also read by {outside[0].op} '{outside[0].name}'")
+
+
+def value_readers(tensor: gs.Tensor) -> list[gs.Node]:
+    """The nodes reading `tensor`'s values: CastLike nodes that read it only as
+    their type target are left out (a fused op's input has the same type; see
+    `retarget_type_readers`)."""
+    return [r for r in consumers(tensor) if not _type_only(r, tensor)]
+
+
+def retarget_type_readers(nodes: list[gs.Node], like: gs.Tensor) -> None:
+    """CastLike nodes that take their type from an output of `nodes` (about to be
+    removed) take it from `like`, a tensor of the same element type."""
+    for node in nodes:
+        for out in node.outputs:
+            for reader in consumers(out):
+                if _type_only(reader, out):
+                    reader.inputs[1] = like
+
+
+def _type_only(reader: gs.Node, tensor: gs.Tensor) -> bool:
+    return reader.op == "CastLike" and is_standard(reader) and reader.inputs[1] is tensor and \
+        reader.inputs[0] is not tensor
 
 
 def other_input(node: gs.Node, tensor: gs.Tensor) -> gs.Tensor:
