@@ -12,8 +12,8 @@ struct FRNAttrs {
   bool use_tlu;
 
   explicit FRNAttrs(const OrtKernelInfo* info)
-      : epsilon(std::fabs(attribute<float>(info, "epsilon").value_or(1e-6f))),
-        use_tlu(attribute<int64_t>(info, "use_tlu").value_or(1) != 0) {}
+      : epsilon(std::fabs(attribute<float>(info, "FilterResponseNorm", "epsilon").value_or(1e-6f))),
+        use_tlu(attribute<int64_t>(info, "FilterResponseNorm", "use_tlu").value_or(1) != 0) {}
 
   /// "" or why these input shapes do not fit (unknown dims are not checked).
   std::string check(const Shape& x, const Shape& gamma, const Shape& beta, const std::optional<Shape>& tau) const {
@@ -64,8 +64,8 @@ struct FilterResponseNorm {
         [&](int64_t i, int64_t lo, int64_t hi, const Moments& m) {
           const int64_t c = i % channels;
           const A a = A(to_acc(g[c]) / std::sqrt(m.m2 / m.n + attrs.epsilon)), shift = to_acc(b[c]);
-          if (attrs.use_tlu) affine(x + i * spatial + lo, y + i * spatial + lo, hi - lo, A(0), a, shift, Tlu<A>{to_acc(t[c])});
-          else affine(x + i * spatial + lo, y + i * spatial + lo, hi - lo, A(0), a, shift, Identity{});
+          affine(x + i * spatial + lo, y + i * spatial + lo, hi - lo, A(0), a, shift, attrs.use_tlu ? Act::kTlu : Act::kNone,
+                 attrs.use_tlu ? to_acc(t[c]) : A(0));
         });
     return Ort::Status{nullptr};
   }

@@ -11,9 +11,9 @@ struct GroupNormAttrs {
   bool silu;
 
   explicit GroupNormAttrs(const OrtKernelInfo* info)
-      : groups(attribute<int64_t>(info, "num_groups").value_or(0)),
-        epsilon(attribute<float>(info, "epsilon").value_or(1e-5f)) {
-    const std::string activation = attribute<std::string>(info, "activation").value_or("none");
+      : groups(attribute<int64_t>(info, "GroupNorm", "num_groups").value_or(0)),
+        epsilon(attribute<float>(info, "GroupNorm", "epsilon").value_or(1e-5f)) {
+    const std::string activation = attribute<std::string>(info, "GroupNorm", "activation").value_or("none");
     if (groups <= 0) fail("GroupNorm: attribute num_groups must be set to a positive integer");
     if (epsilon < 0) fail("GroupNorm: epsilon must be >= 0");
     if (activation != "none" && activation != "silu")
@@ -71,8 +71,7 @@ struct GroupNorm {
             const A b = A(to_acc(beta[first_channel + c]) - mean.lo * a);
             const T* src = x + i * size + pos;
             T* dst = y + i * size + pos;
-            if (attrs.silu) affine(src, dst, end - pos, mean.hi, A(a), b, Silu{});
-            else affine(src, dst, end - pos, mean.hi, A(a), b, Identity{});
+            affine(src, dst, end - pos, mean.hi, A(a), b, attrs.silu ? Act::kSilu : Act::kNone);
             pos = end;
           }
         });

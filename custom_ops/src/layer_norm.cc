@@ -15,11 +15,11 @@ struct LayerNormAttrs {
   bool channel_first;
 
   explicit LayerNormAttrs(const OrtKernelInfo* info)
-      : axis(attribute<int64_t>(info, "axis").value_or(-1)),
-        epsilon(attribute<float>(info, "epsilon").value_or(1e-5f)),
-        channel_first(attribute<int64_t>(info, "channel_first").value_or(0) != 0) {
+      : axis(attribute<int64_t>(info, "LayerNorm", "axis").value_or(-1)),
+        epsilon(attribute<float>(info, "LayerNorm", "epsilon").value_or(1e-5f)),
+        channel_first(attribute<int64_t>(info, "LayerNorm", "channel_first").value_or(0) != 0) {
     if (epsilon < 0) fail("LayerNorm: epsilon must be >= 0");
-    if (channel_first && attribute<int64_t>(info, "axis").value_or(1) != 1)
+    if (channel_first && attribute<int64_t>(info, "LayerNorm", "axis").value_or(1) != 1)
       fail("LayerNorm: with channel_first=1 the normalized axis is 1; axis=" + std::to_string(axis) + " contradicts it");
   }
 
@@ -77,8 +77,7 @@ struct LayerNorm {
 #endif
     std::vector<A> gamma_values, beta_values;  // converted copies, fp16/bf16 only
     const A* gamma = acc_values(scale.Data(), count, gamma_values);
-    if (!bias) beta_values.assign(size_t(count), A(0));  // no bias: a row of zeros
-    const A* beta = bias ? acc_values((*bias)->Data(), count, beta_values) : beta_values.data();
+    const A* beta = bias ? acc_values((*bias)->Data(), count, beta_values) : nullptr;
     T* y = Y.Allocate(shape);
     if (attrs.channel_first) {
       channel_first(ctx, X.Data(), y, shape[0], shape[1], numel(shape, 2), gamma, beta);
@@ -97,9 +96,7 @@ struct LayerNorm {
           const SplitMean<A> mean(m.mean);
           const A r = A(rstd), offset = A(-mean.lo * rstd);
           map_blocks(x + i * d + lo, y + i * d + lo, hi - lo, [&](const A* in, A* out, int64_t len, int64_t off) {
-            const A *g = gamma + lo + off, *b = beta + lo + off;
-#pragma omp simd
-            for (int64_t k = 0; k < len; ++k) out[k] = ((in[k] - mean.hi) * r + offset) * g[k] + b[k];
+            loops<A>().scale_shift(in, out, len, mean.hi, r, offset, gamma + lo + off, beta ? beta + lo + off : nullptr);
           });
         });
   }
@@ -117,24 +114,13 @@ struct LayerNorm {
       const T* xb = x + (t / blocks) * c * s + start;
       T* yb = y + (t / blocks) * c * s + start;
       alignas(64) A buf[kMaxBlock], shift[kMaxBlock], dsum[kMaxBlock], sq[kMaxBlock], rstd[kMaxBlock], offset[kMaxBlock];
+      const Loops<A>& L = loops<A>();
       std::fill(shift, shift + len, A(0));
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const A* row = as_acc(xb + ch * s, buf, len);
-#pragma omp simd
-        for (int64_t k = 0; k < len; ++k) shift[k] += row[k];
-      }
+      for (int64_t ch = 0; ch < c; ++ch) L.add(shift, as_acc(xb + ch * s, buf, len), len);
       for (int64_t k = 0; k < len; ++k) shift[k] /= A(c);
       std::fill(dsum, dsum + len, A(0));
       std::fill(sq, sq + len, A(0));
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const A* row = as_acc(xb + ch * s, buf, len);
-#pragma omp simd
-        for (int64_t k = 0; k < len; ++k) {
-          const A d = row[k] - shift[k];
-          dsum[k] += d;
-          sq[k] += d * d;
-        }
-      }
+      for (int64_t ch = 0; ch < c; ++ch) L.add_centred(dsum, sq, as_acc(xb + ch * s, buf, len), shift, len);
       for (int64_t k = 0; k < len; ++k) {  // corrected two-pass: exact mean = shift + dsum / c
         const double dm = double(dsum[k]) / c, var = std::max(0.0, double(sq[k]) / c - dm * dm);
         const double r = 1.0 / std::sqrt(var + attrs.epsilon);
@@ -144,10 +130,9 @@ struct LayerNorm {
         offset[k] = A(-mean.lo * r);
       }
       for (int64_t ch = 0; ch < c; ++ch) {
-        const A g = gamma[ch], b = beta[ch];
+        const A g = gamma[ch], b = beta ? beta[ch] : A(0);
         map_blocks(xb + ch * s, yb + ch * s, len, [&](const A* in, A* out, int64_t m, int64_t) {
-#pragma omp simd
-          for (int64_t k = 0; k < m; ++k) out[k] = ((in[k] - shift[k]) * rstd[k] + offset[k]) * g + b;
+          L.normalize(in, out, m, shift, rstd, offset, g, b);
         });
       }
     });

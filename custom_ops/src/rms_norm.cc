@@ -13,7 +13,7 @@ struct RMSNormAttrs {
   std::optional<float> epsilon;
 
   explicit RMSNormAttrs(const OrtKernelInfo* info)
-      : axis(attribute<int64_t>(info, "axis").value_or(-1)), epsilon(attribute<float>(info, "epsilon")) {
+      : axis(attribute<int64_t>(info, "RMSNorm", "axis").value_or(-1)), epsilon(attribute<float>(info, "RMSNorm", "epsilon")) {
     if (epsilon && *epsilon < 0) fail("RMSNorm: epsilon must be >= 0");
   }
 
@@ -75,9 +75,7 @@ struct RMSNorm {
         [&](int64_t i, int64_t lo, int64_t hi, const Moments& m) {
           const A r = A(1.0 / std::sqrt(m.m2 / m.n + epsilon));
           map_blocks(x + i * d + lo, y + i * d + lo, hi - lo, [&](const A* in, A* out, int64_t len, int64_t off) {
-            const A* g = gamma + lo + off;
-#pragma omp simd
-            for (int64_t k = 0; k < len; ++k) out[k] = in[k] * r * g[k];
+            loops<A>().scale_shift(in, out, len, A(0), r, A(0), gamma + lo + off, nullptr);
           });
         });
     return Ort::Status{nullptr};

@@ -9,7 +9,7 @@ namespace {
 struct WeightNormAttrs {
   int64_t dim;
 
-  explicit WeightNormAttrs(const OrtKernelInfo* info) : dim(attribute<int64_t>(info, "dim").value_or(0)) {
+  explicit WeightNormAttrs(const OrtKernelInfo* info) : dim(attribute<int64_t>(info, "WeightNorm", "dim").value_or(0)) {
     if (dim < 0) fail("WeightNorm: dim must be >= 0 (the axis that keeps its own norm), got " + std::to_string(dim));
   }
 
@@ -55,7 +55,7 @@ struct WeightNorm {
     const int64_t rows = outer * d, per_task = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(inner, 1));
     parallel_for(ctx, (rows + per_task - 1) / per_task, [&](int64_t t) {
       for (int64_t r = t * per_task; r < std::min(rows, (t + 1) * per_task); ++r)
-        affine(v + r * inner, w + r * inner, inner, A(0), A(factor[size_t(r % d)]), A(0), Identity{});
+        affine(v + r * inner, w + r * inner, inner, A(0), A(factor[size_t(r % d)]), A(0));
     });
     return Ort::Status{nullptr};
   }
