@@ -9,6 +9,11 @@ the set-up command builds it.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -275,6 +280,36 @@ def test_weight_norm_fp16(rng):
     assert_close(run("WeightNorm", dict(V=v, g=g), dtype=np.float16), ref_weight_norm(v, g), np.float16)
 
 
+# ---- the AVX2 loops and the baseline x86-64 loops (NORMFOLD_NO_AVX2=1) give the same bits
+
+def loop_outputs() -> list[np.ndarray]:
+    """One run of every CPU loop (odd sizes: vector tails), large means included."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((2, 24, 13, 11)) * 3 + 100).astype(np.float32)
+    c, d = rng.standard_normal(24).astype(np.float32), rng.standard_normal(11).astype(np.float32)
+    v = rng.standard_normal((24, 5, 3, 3)).astype(np.float32)
+    return [run("GroupNorm", dict(X=x, scale=c, bias=c), dict(num_groups=4, activation=act)) for act in ("none", "silu")] + [
+        run("LayerNorm", dict(X=x, scale=c, bias=c), dict(channel_first=1)),
+        run("LayerNorm", dict(X=x, scale=d, bias=d), dict(axis=-1)),
+        run("RMSNorm", dict(X=x, scale=d), dict(epsilon=1e-6)),
+        run("FilterResponseNorm", dict(X=x, gamma=c, beta=c, tau=c)),
+        run("WeightNorm", dict(V=v, g=c)),
+        run("LayerNorm", dict(X=x.astype(np.float64), scale=d.astype(np.float64), bias=d.astype(np.float64)), dtype=np.float64),
+        run("LayerNorm", dict(X=x.astype(np.float16), scale=c.astype(np.float16), bias=c.astype(np.float16)),
+            dict(channel_first=1), dtype=np.float16),
+    ]
+
+
+def test_avx2_and_baseline_loops_agree_bitwise(tmp_path):
+    out = tmp_path / "baseline.npz"
+    script = f"import sys, numpy as np; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
+             f"from test_custom_ops import loop_outputs; np.savez({str(out)!r}, *loop_outputs())"
+    subprocess.run([sys.executable, "-c", script], env={**os.environ, "NORMFOLD_NO_AVX2": "1"}, check=True)
+    baseline = np.load(out)
+    for i, y in enumerate(loop_outputs()):
+        assert np.array_equal(baseline[f"arr_{i}"], y), f"output {i} differs between the AVX2 and the baseline loops"
+
+
 # ---- shapes only known at run time, empty tensors
 
 def test_dynamic_shapes_and_output_type(rng):
@@ -310,6 +345,25 @@ BAD = [
     ("WeightNorm", dict(V=X, g=np.ones(2, np.float32)), dict(dim=-1), "dim must be >= 0"),
     ("WeightNorm", dict(V=X, g=np.ones(3, np.float32)), dict(dim=0), "g has shape \\[3\\]"),
     ("FilterResponseNorm", dict(X=X, gamma=C6, beta=None, tau=C6), {}, "input 2 is empty"),
+    ("GroupNorm", dict(X=X, scale=C6, bias=C6), dict(num_groups=-3), "num_groups must be set to a positive"),
+    ("GroupNorm", dict(X=X, scale=C6, bias=C6), dict(num_groups=3, epsilon=-1e-5), "GroupNorm: epsilon must be >= 0"),
+    ("GroupNorm", dict(X=X, scale=C6, bias=np.ones(4, np.float32)), dict(num_groups=3), "bias has shape \\[4\\]"),
+    ("GroupNorm", dict(X=np.ones(6, np.float32), scale=C6, bias=C6), dict(num_groups=3), "rank >= 2"),
+    ("LayerNorm", dict(X=X, scale=np.ones(4, np.float32), bias=None), dict(epsilon=-1.0), "LayerNorm: epsilon must be >= 0"),
+    ("LayerNorm", dict(X=X, scale=np.ones(4, np.float32), bias=C6), {}, "bias has shape \\[6\\]"),
+    ("LayerNorm", dict(X=X, scale=np.ones(4, np.float32), bias=None), dict(channel_first=1), "scale has shape \\[4\\]"),
+    ("RMSNorm", dict(X=X, scale=np.ones(4, np.float32)), dict(epsilon=-1e-6), "RMSNorm: epsilon must be >= 0"),
+    ("RMSNorm", dict(X=X, scale=np.ones(4, np.float32)), dict(axis=-4), "axis=-4 is out of range"),
+    ("FilterResponseNorm", dict(X=X, gamma=np.ones(3, np.float32), beta=C6, tau=C6), {}, "gamma has shape \\[3\\]"),
+    ("FilterResponseNorm", dict(X=X, gamma=C6, beta=C6, tau=np.ones(7, np.float32)), {}, "tau has shape \\[7\\]"),
+    ("WeightNorm", dict(V=X, g=C6), dict(dim=3), "dim=3 is out of range"),
+    # an attribute of the wrong type is an error, not silently the default
+    ("GroupNorm", dict(X=X, scale=C6, bias=C6), dict(num_groups=3, epsilon=1), "GroupNorm: epsilon must be a float"),
+    ("GroupNorm", dict(X=X, scale=C6, bias=C6), dict(num_groups=3.0), "GroupNorm: num_groups must be an int"),
+    ("GroupNorm", dict(X=X, scale=C6, bias=C6), dict(num_groups=3, activation=1), "GroupNorm: activation must be a string"),
+    ("LayerNorm", dict(X=X, scale=np.ones(4, np.float32), bias=None), dict(axis=-1.0), "LayerNorm: axis must be an int"),
+    ("RMSNorm", dict(X=X, scale=np.ones(4, np.float32)), dict(epsilon="1e-6"), "RMSNorm: epsilon must be a float"),
+    ("FilterResponseNorm", dict(X=X, gamma=C6, beta=C6, tau=C6), dict(use_tlu=1.0), "FilterResponseNorm: use_tlu must be an int"),
 ]
 
 
