@@ -194,6 +194,7 @@ def test_layer_norm_channel_first_matches_torch(batch, channels, spatial, offset
 
 
 @pytest.mark.parametrize("shape,attrs", [((2, 96, 56, 56), dict(channel_first=1)), ((1, 1000, 3, 7), dict(channel_first=1)),
+                                         ((1, 8, 96, 96), dict(channel_first=1)),  # blocks of > 1024 positions
                                          ((4, 128, 3072), dict(axis=-1)), ((1, 4, 128, 512), dict(axis=1))])
 def test_layer_norm_large(shape, attrs, rng):
     x = (rng.standard_normal(shape) - 500).astype(np.float32)

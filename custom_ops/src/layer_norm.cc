@@ -102,18 +102,25 @@ struct LayerNorm {
   }
 
   /// N x C x S, statistics over C for every (n, position). A task takes a block of positions of one
-  /// sample and reads it channel row by channel row (contiguous), three times while it is in L2.
+  /// sample, about 256K elements, and reads it channel row by channel row three times (the later
+  /// reads hit L2/L3). Long rows (width positions, up to 16 KB) keep the first, strided read from
+  /// memory streaming; short rows left it waiting on memory latency (measured 1.4x slower).
   void channel_first(OrtKernelContext* ctx, const T* x, T* y, int64_t n, int64_t c, int64_t s, const A* gamma,
                      const A* beta) {
-    constexpr int64_t kMaxBlock = 512;
-    const int64_t width = std::min(std::clamp<int64_t>((64 * 1024 / std::max<int64_t>(c, 1)) / 16 * 16, 16, kMaxBlock), s);
-    if (width <= 0 || c <= 0) return;
+    if (n <= 0 || c <= 0 || s <= 0) return;
+    constexpr int64_t kMaxBlock = 4096;
+    const int64_t min_blocks = (8 + n - 1) / n;  // at least 8 tasks in all, for the thread pool
+    const int64_t per_block = std::min(256 * 1024 / c, (s + min_blocks - 1) / min_blocks);
+    const int64_t width = std::min(std::clamp<int64_t>((per_block + 15) / 16 * 16, 16, kMaxBlock), s);
     const int64_t blocks = (s + width - 1) / width;
     parallel_for(ctx, n * blocks, [&](int64_t t) {
       const int64_t start = (t % blocks) * width, len = std::min(width, s - start);
       const T* xb = x + (t / blocks) * c * s + start;
       T* yb = y + (t / blocks) * c * s + start;
-      alignas(64) A buf[kMaxBlock], shift[kMaxBlock], dsum[kMaxBlock], sq[kMaxBlock], rstd[kMaxBlock], offset[kMaxBlock];
+      static thread_local std::vector<A> scratch;  // this thread's per-position arrays, kept between calls
+      scratch.resize(size_t(6 * kMaxBlock));
+      A *buf = scratch.data(), *shift = buf + kMaxBlock, *dsum = shift + kMaxBlock, *sq = dsum + kMaxBlock,
+        *rstd = sq + kMaxBlock, *offset = rstd + kMaxBlock;
       const Loops<A>& L = loops<A>();
       std::fill(shift, shift + len, A(0));
       for (int64_t ch = 0; ch < c; ++ch) L.add(shift, as_acc(xb + ch * s, buf, len), len);
@@ -131,8 +138,8 @@ struct LayerNorm {
       }
       for (int64_t ch = 0; ch < c; ++ch) {
         const A g = gamma[ch], b = beta ? beta[ch] : A(0);
-        map_blocks(xb + ch * s, yb + ch * s, len, [&](const A* in, A* out, int64_t m, int64_t) {
-          L.normalize(in, out, m, shift, rstd, offset, g, b);
+        map_blocks(xb + ch * s, yb + ch * s, len, [&](const A* in, A* out, int64_t m, int64_t off) {
+          L.normalize(in, out, m, shift + off, rstd + off, offset + off, g, b);
         });
       }
     });
