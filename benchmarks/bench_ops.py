@@ -1,15 +1,21 @@
 """Benchmark the com.normfold CPU kernels against what onnxruntime runs without them.
 
 For each op at three sizes, in one run, on the CPU provider with 2 intra-op threads
-(onnxruntime optimizations on for every variant):
+(onnxruntime optimizations on for every variant; all sessions share one global 2-thread pool, so
+the idle spinning of one variant's pool cannot take a core from the next variant; X and a
+preallocated Y are bound with IOBinding, so the time is the op's, as inside a model, without the
+Python copy of the output):
   custom      the com.normfold op
   decomposed  the subgraph the PyTorch exporters leave (built with onnx.helper)
   standard    onnxruntime's standard op where one exists (LayerNormalization-17,
               GroupNormalization-21, RMSNormalization-23; channel-first LN as Transpose-LN-Transpose)
   copy        numpy copy of the same bytes (np.copyto into a preallocated array): the memory floor
 Variants are timed in interleaved rounds (median), so load from other processes hits all alike.
+The header of the report gives the machine, the load average before and after, and whether the
+kernels ran their AVX2 loops (NORMFOLD_NO_AVX2=1 forces the baseline x86-64 loops). A section of the
+existing report from a line `## Notes` on is kept (hand-written caveats).
 
-    python benchmarks/bench_ops.py [--rounds 15] [--out benchmarks/RESULTS_ops.md]
+    python benchmarks/bench_ops.py [--rounds 40] [--only GroupNorm,RMS] [--out benchmarks/RESULTS_ops.md]
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi import _pybind_state
+
+_pybind_state.set_global_thread_pool_sizes(2, 1)  # before the first session creates the environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from normfold.ops_library import DOMAIN  # noqa: E402
-from normfold.runtime import make_session  # noqa: E402
+from normfold.ops_library import DOMAIN, register_ops  # noqa: E402
 
 F = TensorProto.FLOAT
 
@@ -124,17 +132,30 @@ def cases():
         }
 
 
+def session(m) -> ort.InferenceSession:
+    """CPU session with every graph optimization, on the global 2-thread pool, com.normfold registered."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.use_per_session_threads = False
+    options.log_severity_level = 3
+    register_ops(options, "cpu")
+    return ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def measure(variants: dict, x: np.ndarray, rounds: int) -> dict:
-    """Median seconds per variant, timed in interleaved rounds; a variant onnxruntime refuses is left out."""
+    """Seconds of every round per variant, timed in interleaved rounds; a variant onnxruntime refuses is left out."""
+    out = np.empty_like(x)
     runs = {}
     for name, m in variants.items():
         try:
-            session = make_session(m, optimize=True, threads=2)
+            s = session(m)
         except Exception as exc:  # noqa: BLE001 - e.g. an op this onnxruntime does not implement
             print(f"  {name}: not run ({str(exc).splitlines()[0][:100]})", file=sys.stderr)
             continue
-        runs[name] = lambda s=session: s.run(None, {"X": x})
-    out = np.empty_like(x)
+        binding = s.io_binding()
+        binding.bind_cpu_input("X", x)
+        binding.bind_output("Y", "cpu", 0, np.float32, list(x.shape), out.ctypes.data)
+        runs[name] = lambda s=s, b=binding: s.run_with_iobinding(b)
     runs["copy"] = lambda: np.copyto(out, x)
     times = {name: [] for name in runs}
     for f in runs.values():
@@ -144,50 +165,80 @@ def measure(variants: dict, x: np.ndarray, rounds: int) -> dict:
             start = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return {name: np.array(t) for name, t in times.items()}
+
+
+def machine() -> str:
+    """CPU model, core count and which loops the kernels run (AVX2 or baseline x86-64)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    avx2 = "avx2" in flags and "fma" in flags and os.environ.get("NORMFOLD_NO_AVX2", "0") in ("", "0")
+    return f"{model}, {os.cpu_count()} cores; kernels' loops: {'AVX2+FMA' if avx2 else 'baseline x86-64 (SSE2)'}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--only", default="", help="comma-separated substrings of op names to run (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS_ops.md")
     args = parser.parse_args()
+    started, load_before = datetime.datetime.now(), os.getloadavg()
     rng = np.random.default_rng(1)
-    rows, best_ratio = [], {}
+    rows, min_rows, best_ratio = [], [], {}
     for op, shape, variants in cases():
         x = (rng.standard_normal(shape) + 0.5).astype(np.float32)
-        t = measure(variants, x, args.rounds)
-        existing = {k: v for k, v in t.items() if k in ("decomposed", "standard")}
-        best = min(existing, key=existing.get)
-        speedup = existing[best] / t["custom"]
-        best_ratio.setdefault(op, []).append((speedup, t.get("standard"), t["custom"]))
-        cells = [f"{t[k] * 1e3:.2f}" if k in t else "n/a" for k in ("custom", "decomposed", "standard", "copy")]
-        rows.append(f"| {op} | {'x'.join(map(str, shape))} | " + " | ".join(cells)
-                    + f" | {best} | {speedup:.2f}x | {t['custom'] / t['copy']:.2f} |")
+        if args.only and not any(part in op for part in args.only.split(",")):
+            continue
+        times = measure(variants, x, args.rounds)
+        spread = max(np.subtract(*np.percentile(v, [75, 25])) / np.median(v) for v in times.values())
+        for stat, out in ((np.median, rows), (np.min, min_rows)):
+            t = {k: float(stat(v)) for k, v in times.items()}
+            existing = {k: v for k, v in t.items() if k in ("decomposed", "standard")}
+            best = min(existing, key=existing.get)
+            speedup = existing[best] / t["custom"]
+            if stat is np.median:
+                best_ratio.setdefault(op, []).append((speedup, t.get("standard"), t["custom"]))
+            cells = [f"{t[k] * 1e3:.2f}" if k in t else "n/a" for k in ("custom", "decomposed", "standard", "copy")]
+            out.append(f"| {op} | {'x'.join(map(str, shape))} | " + " | ".join(cells)
+                       + f" | {best} | {speedup:.2f}x | {t['custom'] / t['copy']:.2f} |" + (f" {spread:.0%} |" if out is rows else ""))
         print(rows[-1], flush=True)
     auto = []
     for op, results in best_ratio.items():
         faster_than_standard = [std is None or custom < std for _, std, custom in results]
         pick = "custom" if all(faster_than_standard) else ("standard" if not any(faster_than_standard) else "custom (mixed)")
-        auto.append(f"| {op} | {pick} | {', '.join(f'{s:.2f}x' for s, _, _ in results)} |")
-    write(args, rows, auto)
+        vs_standard = ", ".join(f"{std / custom:.2f}x" if std else "n/a" for _, std, custom in results)
+        auto.append(f"| {op} | {pick} | {', '.join(f'{s:.2f}x' for s, _, _ in results)} | {vs_standard} |")
+    write(args, rows, min_rows, auto, started, load_before, os.getloadavg())
 
 
-def write(args, rows, auto) -> None:
+def write(args, rows, min_rows, auto, started, load_before, load_after) -> None:
+    old = args.out.read_text() if args.out.exists() else ""
+    notes = old[old.index("\n## Notes") + 1:] if "\n## Notes" in old else ""
+    command = "python benchmarks/bench_ops.py" + (f" --rounds {args.rounds}" if args.rounds != 40 else "") \
+        + (f" --only {args.only}" if args.only else "")
     lines = [
         "# Custom-op benchmark (CPU, 2 threads)", "",
-        f"Date: 2026-11-23 (run {datetime.datetime.now():%H:%M}). Machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"{platform.processor() or 'CPU'}; onnxruntime {ort.__version__}, numpy {np.__version__}, fp32.",
-        f"Command: `python benchmarks/bench_ops.py --rounds {args.rounds}`", "",
-        "Median ms per run over interleaved rounds; onnxruntime optimizations on for every variant.",
+        f"Date: {started:%Y-%m-%d %H:%M}. Machine: {machine()}; onnxruntime {ort.__version__}, numpy {np.__version__}, fp32.",
+        f"Command: `{command}` ({args.rounds} rounds). Load average (1/5/15 min) before: "
+        f"{'/'.join(f'{v:.1f}' for v in load_before)}, after: {'/'.join(f'{v:.1f}' for v in load_after)}.", "",
+        "Median ms per run over interleaved rounds; onnxruntime optimizations on for every variant, one shared",
+        "2-thread pool, output written into a preallocated array (IOBinding).",
         "`speedup` = best existing onnxruntime path (decomposed export or standard op) / custom op;",
-        "`custom/copy` = custom op time / numpy copy of the same bytes (the memory-bandwidth floor).", "",
+        "`custom/copy` = custom op time / numpy copy of the same bytes (single-threaded `np.copyto`);",
+        "`noise` = the largest interquartile range / median among the row's variants.", "",
+        "| op | shape | custom | decomposed | standard | copy | best existing | speedup | custom/copy | noise |",
+        "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "## Best round (min) instead of median", "",
+        "Each variant's fastest round: the time with the least interference from other processes.", "",
         "| op | shape | custom | decomposed | standard | copy | best existing | speedup | custom/copy |",
-        "|---|---|---|---|---|---|---|---|---|", *rows, "",
-        "## What `--target auto` should pick (custom where it beat the standard op at every size)", "",
-        "| op | pick | speedup over best existing path, per size |", "|---|---|---|", *auto, "",
+        "|---|---|---|---|---|---|---|---|---|", *min_rows, "",
+        "## What `--target auto` should pick (custom where it beat the standard op at every size, medians)", "",
+        "| op | pick | speedup over best existing path, per size | standard op / custom, per size |",
+        "|---|---|---|---|", *auto, "",
     ]
-    args.out.write_text("\n".join(lines))
+    args.out.write_text("\n".join(lines) + ("\n" + notes if notes else ""))
     print(f"wrote {args.out}")
 
 
