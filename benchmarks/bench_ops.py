@@ -24,6 +24,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -217,7 +218,7 @@ def write(args, rows, min_rows, auto, started, load_before, load_after) -> None:
     old = args.out.read_text() if args.out.exists() else ""
     notes = old[old.index("\n## Notes") + 1:] if "\n## Notes" in old else ""
     command = "python benchmarks/bench_ops.py" + (f" --rounds {args.rounds}" if args.rounds != 40 else "") \
-        + (f" --only {args.only}" if args.only else "")
+        + (f" --only {shlex.quote(args.only)}" if args.only else "")
     lines = [
         "# Custom-op benchmark (CPU, 2 threads)", "",
         f"Date: {started:%Y-%m-%d %H:%M}. Machine: {machine()}; onnxruntime {ort.__version__}, numpy {np.__version__}, fp32.",
