@@ -27,12 +27,15 @@ from .graph_helpers import (
     constant_ref,
     constant_value,
     consumers,
+    detach,
     float_attr,
     int_attr,
     is_observable,
     is_standard,
     only_consumer_is,
     producer,
+    reads_only_type,
+    replace_input,
     walk_graphs,
 )
 
@@ -325,12 +328,8 @@ def _fold_forward(graph: gs.Graph, bn: Affine, names: NameScope) -> str:
             raise Skip(f"BN output is not only the data input of {reader.op} '{reader.name}'")
         updates.append(plan(graph, reader, bn, names))
     x, y = bn.x, bn.y
-    bn.node.inputs.clear()
-    bn.node.outputs.clear()
-    for reader in consumers(y):
-        for index, tensor in enumerate(reader.inputs):
-            if tensor is y:
-                reader.inputs[index] = x
+    detach([bn.node])
+    replace_input(y, x)
     for update in updates:
         update()
     return "+".join(sorted({r.op for r in readers}))
@@ -339,11 +338,7 @@ def _fold_forward(graph: gs.Graph, bn: Affine, names: NameScope) -> str:
 def _reads_only_type_or_shape(node: gs.Node, tensor: gs.Tensor) -> bool:
     """Whether `node` uses `tensor` only for its dtype or shape (Shape, CastLike's
     target), which BN leaves unchanged."""
-    if not is_standard(node):
-        return False
-    if node.op == "Shape":
-        return True
-    return node.op == "CastLike" and node.inputs[0] is not tensor
+    return (node.op == "Shape" and is_standard(node)) or reads_only_type(node, tensor)
 
 
 def _forward_conv(graph, conv, bn, names):
@@ -431,8 +426,7 @@ def _rewrite_as_affine(graph: gs.Graph, bn: Affine, names: NameScope) -> None:
     scaled = names.variable(f"{y.name}_scaled", dtype=bn.x.dtype, shape=shape)
     s = names.constant(f"{name}.scale", bn.s.reshape(broadcast).astype(dtype))
     t = names.constant(f"{name}.shift", bn.t.reshape(broadcast).astype(dtype))
-    bn.node.inputs.clear()
-    bn.node.outputs.clear()
+    detach([bn.node])
     graph.nodes.append(gs.Node("Mul", names.fresh(f"{name}_mul"), inputs=[x, s], outputs=[scaled]))
     graph.nodes.append(gs.Node("Add", names.fresh(f"{name}_add"), inputs=[scaled, t], outputs=[y]))
 

@@ -17,7 +17,7 @@ from .graph_helpers import (
     NameScope,
     NotConstant,
     constant_value,
-    consumers,
+    detach,
     is_observable,
     producer,
     replace_input,
@@ -52,23 +52,22 @@ def _fold_constant_inputs(graph, opset, layer, names, report, where) -> None:
         if index >= len(layer.inputs):
             continue
         tensor = layer.inputs[index]
-        kind = _normalization_kind(tensor)
+        nodes = _computing_nodes(tensor)
+        kind = _normalization_kind(nodes)
         if kind is None:
             continue
         try:
             value = constant_value(tensor, opset)
         except NotConstant:
             continue  # runtime weight norm: handled by _fuse_runtime
-        constant = names.constant(tensor.name, value)
-        nodes = _computing_nodes(tensor)
-        replace_input(tensor, constant)
+        replace_input(tensor, names.constant(tensor.name, value))
         report.changed(layer.name, "+".join(n.op for n in nodes), f"constant {layer.op} input {index}", kind, where)
 
 
-def _normalization_kind(tensor: gs.Tensor) -> str | None:
-    """'weight norm' / 'weight standardisation' if `tensor` is computed by a
-    subgraph containing a norm or a square root; None otherwise."""
-    for node in _computing_nodes(tensor):
+def _normalization_kind(nodes: list[gs.Node]) -> str | None:
+    """'weight norm' / 'weight standardisation' if the subgraph `nodes` contains
+    a norm or a square root; None otherwise."""
+    for node in nodes:
         if node.op in _NORM_OPS:
             return _NORM_OPS[node.op]
     return None
@@ -100,9 +99,7 @@ def _fuse_runtime(graph, opset, reduce, names, report, where) -> None:
         value = None if is_observable(graph, out) else constant_value(out, opset)
     except NotConstant:
         value = None
-    for node in m.nodes:
-        node.inputs.clear()
-        node.outputs.clear()
+    detach(m.nodes)
     if value is not None:
         constant = names.constant(out.name, value)
         replace_input(out, constant)

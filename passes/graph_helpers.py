@@ -41,6 +41,12 @@ def is_observable(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(out is tensor for out in graph.outputs)
 
 
+def reads_only_type(node: gs.Node, tensor: gs.Tensor) -> bool:
+    """Whether `node` reads `tensor` only for its element type (CastLike's target)."""
+    return node.op == "CastLike" and is_standard(node) and node.inputs[0] is not tensor and \
+        any(i is tensor for i in node.inputs)
+
+
 def is_standard(node: gs.Node) -> bool:
     """Whether `node` is in the default ONNX domain."""
     return node.domain in (None, "", "ai.onnx")
@@ -287,6 +293,13 @@ class NameScope:
     def variable(self, like: str, dtype=None, shape=None) -> gs.Variable:
         """A new intermediate tensor named after `like`."""
         return gs.Variable(self.fresh(like), dtype=dtype, shape=shape)
+
+
+def detach(nodes: Iterable[gs.Node]) -> None:
+    """Disconnect `nodes` from every tensor; the next cleanup() drops them."""
+    for node in nodes:
+        node.inputs.clear()
+        node.outputs.clear()
 
 
 def bypass(node: gs.Node, replacement: gs.Tensor) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph_helpers import consumers, is_observable, is_standard, producer
+from .graph_helpers import is_observable, is_standard, producer
 from .norm_emit import FusedNorm
 from .norm_match import Affine, Match, NoMatch, match_affine, same_dims, static_dim, value_readers
 

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph_helpers import NameScope
+from .graph_helpers import NameScope, detach
 from .norm_match import NoMatch, retarget_type_readers
 
 DOMAIN = "com.normfold"
@@ -119,9 +119,7 @@ def emit(graph: gs.Graph, names: NameScope, fused: FusedNorm, target: str, opset
         raise AssertionError(f"{op}: an optional input in the middle is missing")
     replaced = [(n.op, n.name) for n in nodes]
     retarget_type_readers(nodes, fused.x)
-    for node in nodes:  # detach the subgraph; cleanup() drops it
-        node.inputs.clear()
-        node.outputs.clear()
+    detach(nodes)
     graph.nodes.append(gs.Node(op, names.fresh(f"{out.name}_{fused.kind}"), attrs, [fused.x, *inputs], [out],
                                domain=domain))
     return (f"{DOMAIN}.{op}" if domain == DOMAIN else op), replaced

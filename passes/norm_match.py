@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph_helpers import NotConstant, constant_value, consumers, is_observable, is_standard, producer
+from .graph_helpers import (
+    NotConstant,
+    constant_value,
+    consumers,
+    is_observable,
+    is_standard,
+    producer,
+    reads_only_type,
+)
 
 
 class NoMatch(Exception):
@@ -122,7 +130,7 @@ def value_readers(tensor: gs.Tensor) -> list[gs.Node]:
     """The nodes reading `tensor`'s values: CastLike nodes that read it only as
     their type target are left out (a fused op's input has the same type; see
     `retarget_type_readers`)."""
-    return [r for r in consumers(tensor) if not _type_only(r, tensor)]
+    return [r for r in consumers(tensor) if not reads_only_type(r, tensor)]
 
 
 def retarget_type_readers(nodes: list[gs.Node], like: gs.Tensor) -> None:
@@ -131,13 +139,8 @@ def retarget_type_readers(nodes: list[gs.Node], like: gs.Tensor) -> None:
     for node in nodes:
         for out in node.outputs:
             for reader in consumers(out):
-                if _type_only(reader, out):
+                if reads_only_type(reader, out):
                     reader.inputs[1] = like
-
-
-def _type_only(reader: gs.Node, tensor: gs.Tensor) -> bool:
-    return reader.op == "CastLike" and is_standard(reader) and reader.inputs[1] is tensor and \
-        reader.inputs[0] is not tensor
 
 
 def other_input(node: gs.Node, tensor: gs.Tensor) -> gs.Tensor:
