@@ -116,3 +116,12 @@ def weights_option(func):
         help="state_dict file (torch.save) to load into the module built by package.module:callable; "
              "read with torch.load(weights_only=True).",
     )(func)
+
+
+def portable_option(func):
+    """--portable/--no-portable: embed the function bodies of normfold's ops."""
+    return click.option(
+        "--portable/--no-portable", default=True, show_default=True,
+        help="Embed a standard-ONNX function body for each com.normfold op used, so the model also runs "
+             "where normfold's library is not loaded (onnxruntime then inlines the bodies).",
+    )(func)

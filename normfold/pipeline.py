@@ -36,15 +36,37 @@ def fold_bn(
     return run_pass(model, fold_bn_pass, direction=direction, standalone=standalone)
 
 
-def fuse(model: onnx.ModelProto, *, ops=("gn", "ln", "rms", "frn", "wn"), target: str = "auto"
-         ) -> tuple[onnx.ModelProto, PassReport]:
+def fuse(model: onnx.ModelProto, *, ops=("gn", "ln", "rms", "frn", "wn"), target: str = "auto",
+         portable: bool = True) -> tuple[onnx.ModelProto, PassReport]:
     """Replace the normalization subgraphs of `model` (GroupNorm, LayerNorm, RMSNorm,
     Filter Response Norm, weight norm) with one op each.
 
     ops: kinds to fuse; target: "custom" (com.normfold ops, run with the library of
     `normfold.ops_library_path()`), "standard" (ONNX ops where the opset has them) or
-    "auto" (per kind, the faster in onnxruntime). Returns (new model, report).
+    "auto" (per kind, the faster in onnxruntime). portable: embed a standard-ONNX
+    function body for each com.normfold op used (`normfold.portable`), so the model
+    also runs without the library (`model.functions`; nodes no body can serve are
+    listed among the report's skips). Returns (new model, report).
     """
     from .passes.fuse_norms import fuse_norms
 
-    return run_pass(model, fuse_norms, ops=tuple(ops), target=target)
+    return _portable(*run_pass(model, fuse_norms, ops=tuple(ops), target=target), portable)
+
+
+def fold_wn(model: onnx.ModelProto, *, portable: bool = True) -> tuple[onnx.ModelProto, PassReport]:
+    """Compute weight norm, weight standardisation and cosine-normalised weights on
+    constant layer weights offline; runtime weight norm becomes com.normfold.WeightNorm
+    (with its function body when `portable`). Returns (new model, report)."""
+    from .passes.fold_weight_norm import fold_weight_norm
+
+    return _portable(*run_pass(model, fold_weight_norm), portable)
+
+
+def _portable(model: onnx.ModelProto, report: PassReport, portable: bool) -> tuple[onnx.ModelProto, PassReport]:
+    """`model` with the function bodies of its com.normfold ops when `portable`; the
+    nodes no body can serve are added to `report`'s skips."""
+    if portable:
+        from .portable import embed_functions
+
+        report.skipped += embed_functions(model).skipped
+    return model, report

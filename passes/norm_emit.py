@@ -103,7 +103,7 @@ def emit(graph: gs.Graph, names: NameScope, fused: FusedNorm, target: str, opset
     how = choose(fused, target, opset)
     dtype = _element_type(fused)
     params = [None if p is None else names.constant(f"{fused.out.name}_{i}", p.astype(dtype))
-              for i, p in enumerate(fused.params, start=1)]
+              for i, p in enumerate(_with_neutral_params(fused), start=1)]
     nodes, out = fused.nodes, fused.out
     if how == "custom" or not fused.activation_nodes:
         nodes, out = nodes + fused.activation_nodes, fused.activation_out or out
@@ -132,10 +132,28 @@ def _as_standard(fused: FusedNorm, params, opset, names, dtype):
         attrs = {"num_groups": fused.attrs["num_groups"], "epsilon": fused.attrs["epsilon"]}
     else:
         attrs = {"axis": fused.attrs.get("axis", -1) % rank, "epsilon": fused.attrs["epsilon"]}
-    if fused.kind == "RMSNorm" and params[0] is None:  # RMSNormalization's scale is required
-        shape = fused.x.shape[attrs["axis"]:]
-        params = [names.constant(f"{fused.out.name}_1", np.ones(shape, dtype))]
+    if any(p is None for p in params):
+        raise NoMatch(f"{op} needs every parameter, and the shape of '{fused.x.name}' is not static")
     return op, "", attrs, params
+
+
+# a left-out optional parameter, as its neutral value: every input is then present, as
+# RMSNormalization and the portable function bodies (normfold.op_functions) need
+_NEUTRAL = {"LayerNorm": (None, 0.0), "RMSNorm": (1.0,), "FilterResponseNorm": (None, None, 0.0)}
+
+
+def _with_neutral_params(fused: FusedNorm) -> list[np.ndarray | None]:
+    """`fused.params` with each left-out optional one as its neutral value, shaped
+    like the op's first parameter (RMSNorm: like the normalized axes, if static)."""
+    params = list(fused.params)
+    for i, neutral in enumerate(_NEUTRAL.get(fused.kind, ())):
+        if neutral is None or params[i] is not None:
+            continue
+        if i > 0:
+            params[i] = np.full(np.shape(params[0]), neutral, np.float64)
+        elif all(isinstance(d, int) for d in fused.x.shape[fused.attrs["axis"]:]):
+            params[i] = np.full(fused.x.shape[fused.attrs["axis"]:], neutral, np.float64)
+    return params
 
 
 def _element_type(fused: FusedNorm) -> np.dtype:

@@ -65,8 +65,10 @@ def test_json_report(tmp_path):
     report = json.loads(out)
     assert report["ops_before"]["InstanceNormalization"] == 1 and report["ops_after"]["InstanceNormalization"] == 0
     assert report["ops_after"]["GroupNorm"] == 1 and report["ops_after"]["RMSNorm"] == 1
-    [p] = report["passes"]
+    p, bodies = report["passes"]
     assert p["pass"] == "fuse" and p["changed"] == 3 and p["skipped"] == 1
+    assert bodies["pass"] == "portable" and bodies["skipped"] == 0
+    assert sorted(c["node"] for c in bodies["changes"]) == ["GroupNorm", "LayerNorm", "RMSNorm"]
     into = sorted(c["into"] for c in p["changes"])
     assert into == ["com.normfold.GroupNorm", "com.normfold.LayerNorm", "com.normfold.RMSNorm"]
     gn = next(c for c in p["changes"] if c["into"] == "com.normfold.GroupNorm")
