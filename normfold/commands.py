@@ -6,10 +6,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Callable
+
+import onnx
+
 from .graph import count_ops, export_detached, import_graph
 from .model_io import load_model, save_model
+from .portable import embed_functions
 from .pipeline import GraphPass
 from .report import PassReport
+from .verify_report import VerifyReport
 
 
 @dataclass
@@ -24,6 +30,16 @@ class RunSummary:
     bytes_after: int
     reports: list[PassReport] = field(default_factory=list)
     watched_ops: tuple[str, ...] = ("BatchNormalization",)
+    verification: VerifyReport | None = None
+
+    def watch(self, ops: tuple[str, ...]) -> None:
+        """Show the counts of those of `ops` present before or after."""
+        self.watched_ops = tuple(dict.fromkeys(op for op in ops if self.ops_before.get(op) or self.ops_after.get(op)))
+
+    @property
+    def written(self) -> bool:
+        """Whether the output was written (a failed verification refuses it)."""
+        return self.verification is None or self.verification.passed
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -37,6 +53,8 @@ class RunSummary:
             "ops_before": {op: self.ops_before.get(op, 0) for op in self.watched_ops},
             "ops_after": {op: self.ops_after.get(op, 0) for op in self.watched_ops},
             "passes": [r.to_dict() for r in self.reports],
+            "written": self.written,
+            **({"verification": self.verification.to_dict()} if self.verification else {}),
         }
 
 
@@ -47,13 +65,28 @@ def fold_bn_file(model_path: Path, out: Path, *, inplace: bool, direction: str, 
     return rewrite_file(model_path, out, inplace, [(fold_bn, {"direction": direction, "standalone": standalone})])
 
 
-def fuse_file(model_path: Path, out: Path, *, inplace: bool, ops: tuple[str, ...], target: str) -> RunSummary:
-    """`normfold fuse` on files: fuse, write atomically, summarise."""
+def fuse_file(model_path: Path, out: Path, *, inplace: bool, ops: tuple[str, ...], target: str,
+              portable: bool = True) -> RunSummary:
+    """`normfold fuse` on files: fuse, embed function bodies, write atomically, summarise."""
     from .passes.fuse_norms import fuse_norms
 
-    summary = rewrite_file(model_path, out, inplace, [(fuse_norms, {"ops": ops, "target": target})])
-    summary.watched_ops = tuple(op for op in FUSE_WATCHED if summary.ops_before.get(op) or summary.ops_after.get(op))
+    summary = rewrite_file(model_path, out, inplace, [(fuse_norms, {"ops": ops, "target": target})],
+                           portable=portable)
+    summary.watch(FUSE_WATCHED)
     return summary
+
+
+def fold_wn_file(model_path: Path, out: Path, *, inplace: bool, portable: bool = True) -> RunSummary:
+    """`normfold fold-wn` on files: weight-side folds, write atomically, summarise."""
+    from .passes.fold_weight_norm import fold_weight_norm
+
+    summary = rewrite_file(model_path, out, inplace, [(fold_weight_norm, {})], portable=portable)
+    summary.watch(WEIGHT_WATCHED)
+    return summary
+
+
+# ops of the weight-side subgraphs, and what replaces a runtime weight norm
+WEIGHT_WATCHED = ("ReduceL2", "LpNormalization", "ReduceMean", "Sqrt", "Div", "WeightNorm")
 
 
 # ops whose counts show what fusing did: the decomposed pieces and the fused ops
@@ -62,19 +95,71 @@ FUSE_WATCHED = ("InstanceNormalization", "ReduceMean", "ReduceL2", "Sqrt", "Grou
                 "FilterResponseNorm", "WeightNorm")
 
 
-def rewrite_file(model_path: Path, out: Path, inplace: bool, passes: list[tuple[GraphPass, dict]]) -> RunSummary:
+def rewrite_file(model_path: Path, out: Path, inplace: bool, passes: list[tuple[GraphPass, dict]], *,
+                 portable: bool = False, before_commit: Callable[[Path], bool] | None = None,
+                 prepare: Callable[[onnx.ModelProto], tuple[onnx.ModelProto, PassReport]] | None = None,
+                 ) -> RunSummary:
     """Load `model_path`, apply `passes` in order, write `out`, summarise. Weights
-    no pass changed are never copied in memory."""
+    no pass changed are never copied in memory.
+
+    prepare: a model-level step run before the graph passes (recalibration).
+    portable: embed function bodies for the com.normfold ops used (`normfold.portable`).
+    before_commit: called with the staged output; False refuses it (nothing written).
+    """
     loaded = load_model(model_path)
-    graph = import_graph(loaded.model)
-    reports = [graph_pass(graph, **options) for graph_pass, options in passes]
-    model, detached = export_detached(graph, like=loaded.model)
+    reports = []
+    model = loaded.model
+    if prepare is not None:
+        model, report = prepare(model)
+        reports.append(report)
+    graph = import_graph(model)
+    reports += [graph_pass(graph, **options) for graph_pass, options in passes]
+    result, detached = export_detached(graph, like=model)
+    if portable:
+        reports.append(embed_functions(result))
     written = save_model(
-        model, out, source=loaded.path, protect=loaded.external_files, inplace=inplace,
-        external_data=True if loaded.had_external_data else None, detached=detached,
+        result, out, source=loaded.path, protect=loaded.external_files, inplace=inplace,
+        external_data=True if loaded.had_external_data else None, detached=detached, before_commit=before_commit,
     )
     return RunSummary(
         input=model_path, output=out,
-        ops_before=count_ops(loaded.model.graph), ops_after=count_ops(model.graph),
+        ops_before=count_ops(loaded.model.graph), ops_after=count_ops(result.graph),
         bytes_before=loaded.file_bytes, bytes_after=written, reports=reports,
     )
+
+
+def optimize_file(model_path: Path, out: Path, *, inplace: bool, passes: tuple[str, ...], target: str = "auto",
+                  portable: bool = True, calibration=None, recalibrate_options: dict | None = None,
+                  verify_options: dict | None = None) -> RunSummary:
+    """`normfold optimize` on files: every selected pass, then verification of the
+    written bytes against the input model (or, after recalibration, against the
+    recalibrated model); a model that fails verification is not written.
+
+    verify_options: keyword arguments of `normfold.verify.verify` (inputs, shapes,
+    seed, samples, atol, rtol); None skips verification.
+    """
+    from .optimize import graph_passes
+    from .verify import verify
+
+    reference: list = [model_path]
+    verification: list[VerifyReport] = []
+
+    def recalibrated(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
+        from .recalibrate import recalibrate
+
+        model, report = recalibrate(model, calibration, **(recalibrate_options or {}))
+        reference[0] = model
+        return model, report
+
+    def verified(staged: Path) -> bool:
+        verification.append(verify(staged, reference[0], **verify_options))
+        return verification[0].passed
+
+    summary = rewrite_file(
+        model_path, out, inplace, graph_passes(passes, target), portable=portable,
+        prepare=recalibrated if "recalibrate" in passes else None,
+        before_commit=verified if verify_options is not None else None,
+    )
+    summary.watch(("BatchNormalization", "Identity", "ReduceL2") + FUSE_WATCHED)
+    summary.verification = verification[0] if verification else None
+    return summary
