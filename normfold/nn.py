@@ -319,10 +319,7 @@ class CosineLinear(nn.Module):
         y = s · (x / ‖x‖) · (w / ‖w‖)ᵀ      ‖w‖ per output row; ‖·‖ ≥ eps
 
     The weight side s · w/‖w‖ depends on parameters only, so in an exported
-    model it is a subgraph over constants that normfold computes offline. It is
-    written as w · s·rsqrt(max(Σw², eps²)) rather than F.normalize: the
-    TorchScript exporter's constant folding folds ‖w‖ of F.normalize but keeps
-    the division, which normfold then no longer recognises as weight norm.
+    model it is a subgraph over constants that normfold computes offline.
     """
 
     def __init__(self, in_features: int, out_features: int, scale: float = 1.0, eps: float = 1e-12):
@@ -342,8 +339,7 @@ class CosineLinear(nn.Module):
 
     def normalized_weight(self) -> torch.Tensor:
         """s · w / max(‖w‖, eps), one row per output."""
-        squares = self.weight.pow(2).sum(1, keepdim=True).clamp_min(self.eps ** 2)
-        return self.weight * (self.scale * torch.rsqrt(squares))
+        return self.scale * F.normalize(self.weight, dim=1, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, scale={self.scale:g}"

@@ -554,25 +554,3 @@ def test_export_check_fails_on_the_unoptimized_model():
         with pytest.raises(AssertionError):
             EXPECTED[name](model, module)
 
-
-class CosineLinearNormalize(nfnn.CosineLinear):
-    """CosineLinear with its weight written as s · F.normalize(w) (the common spelling)."""
-
-    def normalized_weight(self) -> torch.Tensor:
-        return self.scale * nn.functional.normalize(self.weight, dim=1, eps=self.eps)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "pass gap (fold-wn): TorchScript's constant folding turns ReduceL2(w) of F.normalize into an initializer "
-    "but keeps Clip(·, eps, '')→Expand→Div(w, ·)→Mul(s)→Transpose over constants; with no ReduceL2/Sqrt left "
-    "in that subgraph fold-wn does not recognise it, so the weight is still computed at run time"))
-def test_cosine_weight_written_with_normalize_is_computed_offline():
-    torch.manual_seed(0)
-    module = LinearBlock(CosineLinearNormalize(16, 6, scale=8.0)).eval()
-    randomize(module, 7)
-    x = torch.from_numpy(sample_input((4, 12), 7))
-    model = zoo.export(module, x, exporter="torchscript", opset=17, constant_folding=True, name="nn_cosine_normalize")
-    optimized = optimize(model)
-    assert_close(make_session(optimized, threads=1).run(None, {"x": x.numpy()})[0],
-                 zoo.torch_outputs(module, (x,))[0], rtol=1e-4)
-    _expect_weight_offline(optimized, module)
