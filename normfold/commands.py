@@ -12,7 +12,7 @@ import onnx
 
 from .graph import count_ops, export_detached, import_graph
 from .model_io import load_model, save_model
-from .portable import embed_functions
+from .portable import embedded
 from .pipeline import GraphPass
 from .report import PassReport
 from .verify_report import VerifyReport
@@ -116,7 +116,7 @@ def rewrite_file(model_path: Path, out: Path, inplace: bool, passes: list[tuple[
     reports += [graph_pass(graph, **options) for graph_pass, options in passes]
     result, detached = export_detached(graph, like=model)
     if portable:
-        reports.append(embed_functions(result))
+        reports += embedded(result)
     written = save_model(
         result, out, source=loaded.path, protect=loaded.external_files, inplace=inplace,
         external_data=True if loaded.had_external_data else None, detached=detached, before_commit=before_commit,
@@ -138,22 +138,24 @@ def optimize_file(model_path: Path, out: Path, *, inplace: bool, passes: tuple[s
     verify_options: keyword arguments of `normfold.verify.verify` (inputs, shapes,
     seed, samples, atol, rtol); None skips verification.
     """
-    from .optimize import graph_passes
+    from .optimizer import graph_passes
     from .verify import verify
 
     reference: list = [model_path]
     verification: list[VerifyReport] = []
 
     def recalibrated(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
-        from .recalibrate import recalibrate
+        from .adabn import recalibrate
 
         model, report = recalibrate(model, calibration, **(recalibrate_options or {}))
         reference[0] = model
         return model, report
 
     def verified(staged: Path) -> bool:
-        verification.append(verify(staged, reference[0], **verify_options))
-        return verification[0].passed
+        report = verify(staged, reference[0], **verify_options)
+        report.candidate = str(out)
+        verification.append(report)
+        return report.passed
 
     summary = rewrite_file(
         model_path, out, inplace, graph_passes(passes, target), portable=portable,

@@ -83,7 +83,7 @@ def export(
     forward takes one tensor); append `:int64` etc. for non-float32 inputs.
     dynamo: the torch.export-based exporter (True) or the TorchScript one (False).
     dynamic_batch: make dimension 0 of every input and output dynamic.
-    optimize: run normfold's passes (BatchNorm folding) on the exported model.
+    optimize: run normfold's passes (`normfold.optimize.optimize`) on the exported model.
     verify: compare the written model with the module (see `normfold.verify`).
     """
     torch = import_torch()
@@ -117,14 +117,11 @@ def export(
 
 
 def optimize_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassReport]]:
-    """Run normfold's available passes on `model`: BatchNorm folding (both directions)."""
-    from .pipeline import fold_bn
+    """Run normfold's graph passes on `model` (`normfold.optimize.optimize`: fold-wn,
+    fold-bn, fuse, cleanup; portable function bodies embedded)."""
+    from .optimizer import optimize
 
-    try:
-        folded, report = fold_bn(model, direction="both", standalone="keep")
-    except ImportError as exc:
-        raise NormfoldError(f"--optimize: the BatchNorm folding pass is not available ({exc})") from exc
-    return folded, [report]
+    return optimize(model)
 
 
 def cap_ir_version(model: onnx.ModelProto) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnx
 import onnx.shape_inference
-import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
@@ -25,7 +25,7 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """A graphsurgeon graph of `model`, with inferred shapes on its tensors
     (subgraphs of If/Loop/Scan included). `model` is left as it was."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
+        inferred = _infer_shapes(skeleton(model))
         pairs = list(_paired_graphs(model.graph, inferred.graph))
     except (onnx.shape_inference.InferenceError, RuntimeError):
         pairs = []  # shapes stay unknown; passes that need one skip with a reason
@@ -42,6 +42,28 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     # graphsurgeon keeps `model.opset_import` itself and appends new domains to it on export
     graph.import_domains = [onnx.helper.make_opsetid(o.domain, o.version) for o in model.opset_import]
     return graph
+
+
+def _infer_shapes(skel: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference on `skel` (modified), then once more with each `Shape`
+    of a tensor of static shape written as a constant: onnx's data propagation
+    does not always carry such shapes into the `Reshape` that reads them."""
+    inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
+    static = {}
+    for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        dims = info.type.tensor_type.shape.dim if info.type.HasField("tensor_type") else []
+        if info.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            static[info.name] = [d.dim_value for d in dims]
+    replaced = False
+    for i, node in enumerate(skel.graph.node):
+        if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and node.input[0] in static:
+            start = next((a.i for a in node.attribute if a.name == "start"), 0)
+            end = next((a.i for a in node.attribute if a.name == "end"), None)
+            value = np.array(static[node.input[0]][start:end], np.int64)
+            skel.graph.node[i].CopyFrom(onnx.helper.make_node(
+                "Constant", [], list(node.output), value=numpy_helper.from_array(value)))
+            replaced = True
+    return onnx.shape_inference.infer_shapes(skel, data_prop=True) if replaced else inferred
 
 
 def _paired_graphs(graph: onnx.GraphProto, twin: onnx.GraphProto):

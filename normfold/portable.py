@@ -46,6 +46,12 @@ def embed_functions(model: onnx.ModelProto) -> PassReport:
     return report
 
 
+def embedded(model: onnx.ModelProto) -> list[PassReport]:
+    """`embed_functions(model)`'s report in a list, or [] when the model uses no normfold op."""
+    report = embed_functions(model)
+    return [report] if report.changes or report.skipped else []
+
+
 def _function_for(op, nodes, types, opset, report) -> onnx.FunctionProto | None:
     """The body serving every node of `op`, or None (each node reported)."""
     def refuse(reason: str, which=nodes) -> None:

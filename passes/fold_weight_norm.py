@@ -1,8 +1,9 @@
 """Weight normalization and weight standardisation on layer weights.
 
-    constant v, g:   w = g · v / ‖v‖  or  (w - mean) / sqrt(var + ε)  computed from
-                     constants and fed to a Conv/ConvTranspose/Gemm/MatMul weight:
-                     the weight is computed once, offline, and the subgraph dropped;
+    constant v, g:   w = g · v / ‖v‖, (w - mean) / sqrt(var + ε) or w / ‖w‖ (cosine
+                     normalisation) computed from constants and fed to a
+                     Conv/ConvTranspose/Gemm/MatMul weight: the weight is computed once,
+                     offline, and the subgraph dropped;
     runtime v or g:  v / ReduceL2(v, all axes but dim) · g  (any operand order)
                      becomes one com.normfold WeightNorm(v, g, dim) node.
 """
@@ -66,11 +67,12 @@ def _fold_constant_inputs(graph, opset, layer, names, report, where) -> None:
 
 def _normalization_kind(nodes: list[gs.Node]) -> str | None:
     """'weight norm' / 'weight standardisation' if the subgraph `nodes` contains
-    a norm or a square root; None otherwise."""
-    for node in nodes:
-        if node.op in _NORM_OPS:
-            return _NORM_OPS[node.op]
-    return None
+    a norm or a square root, 'normalised weight' if it divides (by a norm an
+    exporter already folded, as in cosine normalisation); None otherwise."""
+    kinds = [_NORM_OPS[node.op] for node in nodes if node.op in _NORM_OPS]
+    if kinds:
+        return kinds[0]
+    return "normalised weight" if any(node.op == "Div" for node in nodes) else None
 
 
 def _computing_nodes(tensor: gs.Tensor, limit: int = 64) -> list[gs.Node]:

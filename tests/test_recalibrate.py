@@ -27,7 +27,7 @@ from onnx import helper, numpy_helper
 from graphs import G, count_op, file_digests, ort_run, tolerance
 from normfold.cli import main
 from normfold.errors import NormfoldError
-from normfold.recalibrate import RunningMoments, recalibrate
+from normfold.adabn import RunningMoments, recalibrate
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

@@ -64,7 +64,7 @@ def optimize(model: onnx.ModelProto, *, passes: tuple[str, ...] = GRAPH_PASSES, 
     what it writes. `model` is not modified.
     """
     from .graph import export_model, import_graph
-    from .portable import embed_functions
+    from .portable import embedded
 
     if "recalibrate" in passes:
         raise NormfoldError("recalibrate needs calibration data: use normfold.recalibrate first")
@@ -72,5 +72,5 @@ def optimize(model: onnx.ModelProto, *, passes: tuple[str, ...] = GRAPH_PASSES, 
     reports = [graph_pass(graph, **options) for graph_pass, options in graph_passes(tuple(passes), target)]
     result = export_model(graph, like=model)
     if portable:
-        reports.append(embed_functions(result))
+        reports += embedded(result)
     return result, reports
