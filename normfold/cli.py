@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .cli_options import json_option, output_options, output_path, quiet_option, write_json
+from .cli_options import json_option, output_options, output_path, portable_option, quiet_option, write_json
 from .errors import EXIT_BAD_INPUT, NormfoldError
 
 INTERNAL_ERROR = 3
@@ -107,9 +107,10 @@ def fold_bn_command(model, output, inplace, direction, standalone, json_path, qu
                    "opset has them (others are left as they are); auto: per kind, what runs fastest in "
                    "onnxruntime (custom GroupNorm, channel-first LayerNorm and FRN; standard LayerNorm and "
                    "RMSNorm where the opset has them, else custom).")
+@portable_option
 @json_option
 @quiet_option
-def fuse_command(model, output, inplace, ops, target, json_path, quiet):
+def fuse_command(model, output, inplace, ops, target, portable, json_path, quiet):
     """Replace normalization subgraphs with one op each.
 
     Finds what the PyTorch exporters emit for GroupNorm (+SiLU), LayerNorm
@@ -137,17 +138,85 @@ def fuse_command(model, output, inplace, ops, target, json_path, quiet):
         raise click.BadParameter(f"unknown kind(s) {', '.join(unknown) or '(none given)'}; choose from "
                                  f"{', '.join(OPS)}", param_hint="--ops")
     out = output_path(model, output, inplace, ".fused")
-    summary = fuse_file(model, out, inplace=inplace, ops=kinds, target=target)
+    summary = fuse_file(model, out, inplace=inplace, ops=kinds, target=target, portable=portable)
     _emit(summary, json_path, quiet)
 
 
-def _emit(summary, json_path: Path | None, quiet: bool) -> None:
-    from .console import print_summary
+@main.command("fold-wn")
+@click.argument("model", type=click.Path(path_type=Path))
+@output_options(".wnfolded")
+@portable_option
+@json_option
+@quiet_option
+def fold_wn_command(model, output, inplace, portable, json_path, quiet):
+    """Compute weight norm, weight standardisation and cosine-normalised weights offline.
+
+    A Conv/ConvTranspose/Gemm/MatMul weight computed from constants by weight
+    norm (g·v/‖v‖, both PyTorch APIs, any exporter), weight standardisation
+    ((w - mean)/sqrt(var + ε), BiT / NF-Net StdConv) or cosine normalisation
+    (w/‖w‖) is computed once, in float64, and stored; the subgraph is removed.
+    Weight norm of a runtime tensor becomes one com.normfold.WeightNorm node.
+    MODEL is never modified unless --inplace.
+
+    \b
+    Example:
+      normfold fold-wn tts.onnx -o tts.wnfolded.onnx
+    """
+    from .commands import fold_wn_file
+
+    out = output_path(model, output, inplace, ".wnfolded")
+    _emit(fold_wn_file(model, out, inplace=inplace, portable=portable), json_path, quiet)
+
+
+def _emit(summary, json_path: Path | None, quiet: bool, render=None) -> None:
+    """Write `summary` as JSON and/or render it (default: the rewrite summary table)."""
+    if render is None:
+        from .console import print_summary as render
 
     if json_path is not None:
         write_json(summary.to_dict(), json_path)
     if not quiet and (json_path is None or str(json_path) != "-"):
-        print_summary(summary)
+        render(summary)
+
+
+@main.command("recalibrate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), metavar="CALIB",
+              help="Calibration data: an .npz file (one batch) or a folder of .npz files (one batch each), "
+                   "with one array per model input: same names (any single name for a one-input model), "
+                   "dtypes and ranks.")
+@output_options(".recalibrated")
+@click.option("--fold", is_flag=True, help="Then fold the recalibrated BatchNorm (as fold-bn does).")
+@json_option
+@quiet_option
+def recalibrate_command(model, data, output, inplace, fold, json_path, quiet):
+    """Re-estimate BatchNorm statistics on target-domain data (AdaBN).
+
+    Replaces the mean/var of every inference BatchNormalization with the exact
+    population mean and (biased) variance of its input over all samples and
+    positions of CALIB. One batch is in memory at a time; statistics are
+    combined in float64 and do not depend on how CALIB is split into batches.
+
+    Order: each BN is measured with every BN before it already recalibrated
+    (as if the layers were updated one by one in forward order). BNs that do
+    not depend on each other are measured in the same pass, so CALIB is read
+    once per "wave": as often as the longest chain of BNs is long.
+
+    Run it before folding (a folded model has no BN statistics left), or add
+    --fold to fold right after. BNs inside If/Loop bodies are left, with the
+    reason. MODEL is never modified unless --inplace.
+
+    \b
+    Example:
+      normfold recalibrate resnet.onnx --data target_batches/ -o resnet.adabn.onnx
+      normfold recalibrate resnet.onnx --data calib.npz --fold --json report.json
+    """
+    from .adabn import print_recalibration, recalibrate_file
+
+    out = output_path(model, output, inplace, ".recalibrated")
+    progress = not quiet and (json_path is None or str(json_path) != "-")
+    summary = recalibrate_file(model, out, inplace=inplace, data=data, fold=fold, progress=progress)
+    _emit(summary, json_path, quiet, print_recalibration)
 
 
 @main.command("demo")
@@ -243,6 +312,131 @@ def verify_command(candidate, reference, weights, shapes, inputs_path, seed, sam
     _emit_checked(report, print_report, json_path, quiet)
 
 
+@main.command("bench")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--against", "other", type=click.Path(path_type=Path), metavar="OTHER.onnx",
+              help="Also time this model, interleaved with MODEL on the same inputs, and report OTHER/MODEL.")
+@data_options
+@provider_option
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads (default: onnxruntime's choice).")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Untimed runs of each model first.")
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs of each model.")
+@click.option("--ort-opt", type=click.Choice(["all", "none"]), default="all", show_default=True,
+              help="onnxruntime graph optimizations: all (as deployed) or none (the graph as written).")
+@json_option
+@quiet_option
+def bench_command(model, other, shapes, inputs_path, seed, samples, provider, threads, warmup, runs, ort_opt,
+                  json_path, quiet):
+    """Time MODEL in onnxruntime, optionally against another model.
+
+    Runs warm-up rounds, then timed rounds, and reports p50/p90/min/mean
+    latency and throughput (samples/s, from dimension 0 of the first input).
+    With --against, both models run interleaved in this process (A, B, A, B,
+    ...) on the same inputs, so machine noise reaches both alike, and the
+    ratios OTHER/MODEL of p50 and min are reported (> 1: MODEL is faster).
+    normfold's custom ops are registered. With --samples N, round r runs on
+    sample r mod N.
+
+    \b
+    Example:
+      normfold bench model.fused.onnx --against model.onnx --threads 2
+      normfold bench model.onnx --shape images=8x3x224x224 --runs 100 --json bench.json
+    """
+    from .bench import bench, print_bench
+
+    report = bench(model, other, provider=provider, threads=threads, warmup=warmup, runs=runs,
+                   feeds=inputs_path, shapes=list(shapes), seed=seed, samples=samples, optimize=ort_opt == "all")
+    _emit(report, json_path, quiet, print_bench)
+
+
+@main.command("optimize")
+@click.argument("model", type=click.Path(path_type=Path))
+@output_options(".optimized")
+@click.option("--passes", "pass_names", default=None, metavar="LIST",
+              help="Comma-separated subset of: recalibrate, fold-wn, fold-bn, fuse, cleanup (default: all; "
+                   "recalibrate only with --data). They always run in that order.")
+@click.option("--data", "calibration", type=click.Path(path_type=Path), metavar="CALIB",
+              help="Recalibrate BatchNorm statistics on this data first (AdaBN; an .npz file or a folder of "
+                   "them, see `normfold recalibrate`).")
+@click.option("--target", type=click.Choice(["auto", "custom", "standard"]), default="auto", show_default=True,
+              help="What fused norms become (see `normfold fuse --help`).")
+@portable_option
+@click.option("--verify/--no-verify", "check", default=True, show_default=True,
+              help="Verify the written model against MODEL (after recalibration: against the recalibrated "
+                   "model) and refuse to write it if they differ.")
+@data_options
+@tolerance_options
+@json_option
+@quiet_option
+def optimize_command(model, output, inplace, pass_names, calibration, target, portable, check, shapes, inputs_path,
+                     seed, samples, atol, rtol, json_path, quiet):
+    """Run every normfold pass, then prove the result equivalent.
+
+    Passes, in this order: recalibrate (with --data), fold-wn (weights computed
+    from constants, so BN can fold into them), fold-bn, fuse (GroupNorm,
+    LayerNorm, RMSNorm, FRN; weight norm is fold-wn's), cleanup (Identity,
+    inference Dropout, dead nodes). The result is written to a staging file,
+    run in onnxruntime against MODEL on the same inputs (generated, or
+    --inputs), and moved into place only if every output matches: exit 1 and
+    nothing written otherwise. MODEL is never modified unless --inplace.
+
+    \b
+    Example:
+      normfold optimize resnet.onnx -o resnet.opt.onnx
+      normfold optimize unet.onnx --shape sample=1x4x64x64 --json report.json
+      normfold optimize resnet.onnx --data target_batches/ --passes recalibrate,fold-bn
+    """
+    from .commands import optimize_file
+    from .errors import CheckFailed
+    from .optimizer import parse_passes
+
+    passes = parse_passes(pass_names, with_data=calibration is not None)
+    out = output_path(model, output, inplace, ".optimized")
+    verify_options = dict(inputs=inputs_path, shapes=list(shapes), seed=seed, samples=samples, atol=atol,
+                          rtol=rtol) if check else None
+    summary = optimize_file(model, out, inplace=inplace, passes=passes, target=target, portable=portable,
+                            calibration=calibration, verify_options=verify_options,
+                            recalibrate_options={"progress": not quiet and str(json_path) != "-"})
+    _emit(summary, json_path, quiet, _print_optimized)
+    if not summary.written:
+        raise CheckFailed(f"verification failed: {summary.verification.verdict()}; {out} was not written")
+
+
+def _print_optimized(summary) -> None:
+    from .console import print_summary
+    from .verify_report import print_report
+
+    print_summary(summary)
+    if summary.verification is not None:
+        print_report(summary.verification)
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@json_option
+def inspect_command(model, json_path):
+    """Show what a model needs to run: opsets, custom ops, embedded function bodies.
+
+    Lists the IR version, the opsets imported, the op counts, the com.normfold
+    ops used and the model-local functions carried: with a body for every
+    custom op, the model runs without normfold's library (see `fuse --portable`).
+
+    \b
+    Example:
+      normfold inspect model.fused.onnx
+      normfold inspect model.fused.onnx --json -
+    """
+    from .inspect_model import format_inspection, inspect_model
+
+    report = inspect_model(model)
+    if json_path is not None:
+        write_json(report, json_path)
+    if json_path is None or str(json_path) != "-":
+        click.echo(format_inspection(report))
+
+
 @main.command("export")
 @click.argument("module", metavar="package.module:callable")
 @click.option("--input-shape", "input_shapes", multiple=True, required=True, metavar="[NAME=]SHAPE[:DTYPE]",
@@ -255,7 +449,8 @@ def verify_command(candidate, reference, weights, shapes, inputs_path, seed, sam
 @click.option("--dynamo/--legacy", default=True, show_default=True,
               help="torch.export-based exporter, or the TorchScript-based one.")
 @click.option("--dynamic-batch", is_flag=True, help="Make dimension 0 of every input and output dynamic.")
-@click.option("--optimize", is_flag=True, help="Run normfold's passes (BatchNorm folding) on the export.")
+@click.option("--optimize", is_flag=True,
+              help="Run normfold's passes on the export (fold-wn, fold-bn, fuse, cleanup; see `optimize`).")
 @click.option("--verify", "verify_after", is_flag=True,
               help="Verify the written model against the module (exit 1 on mismatch).")
 @tolerance_options
