@@ -527,10 +527,9 @@ EXPECTED = {
 
 
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """normfold's passes, in the order `normfold.optimize` will run them."""
-    folded, _ = normfold.fold_bn(model)
-    fused, _ = normfold.fuse(folded, target="custom")
-    return fused
+    """Every normfold pass (`normfold.optimize`), fused norms as com.normfold ops."""
+    optimized, _ = normfold.optimize(model, target="custom")
+    return optimized
 
 
 @pytest.mark.parametrize("name, exporter, opset, folding", list(_export_params()))
