@@ -23,6 +23,7 @@ import onnx.shape_inference
 from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
 
 from .errors import NormfoldError
+from .model_checks import StructureError, check_structure, check_text
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Tensors at least this big go to the external-data file when saving externally.
@@ -76,11 +77,13 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
             f"{path}: not an ONNX model (no IR version, graph or opset; the file may be truncated "
             "or of another format); re-export or re-download it"
         )
+    _check_structure(check_text, model, path)
     _check_versions(model, path)
     external = _external_tensors(model)
     files = _check_external_files(external, path)
     if external:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    _check_structure(check_structure, model, path)
     _check_valid(model, path)
     return LoadedModel(
         model=model, path=path, had_external_data=bool(external),
@@ -187,7 +190,11 @@ def _check_external_files(tensors: list[onnx.TensorProto], path: Path) -> dict[P
     base = path.parent.resolve()
     sizes: dict[Path, int] = {}
     for tensor in tensors:
-        info = ExternalDataInfo(tensor)
+        try:
+            info = ExternalDataInfo(tensor)
+        except ValueError as exc:  # offset/length not a non-negative integer
+            raise NormfoldError(f"{path}: tensor '{tensor.name}' has a bad external-data reference ({exc}); "
+                                "re-export the model") from exc
         location = info.location
         if not location or os.path.isabs(location) or Path(location).drive:
             raise NormfoldError(
@@ -204,9 +211,10 @@ def _check_external_files(tensors: list[onnx.TensorProto], path: Path) -> dict[P
             )
         if target not in sizes:
             if not target.is_file():
+                problem = "not a regular file" if target.exists() else "missing"
                 raise NormfoldError(
                     f"{path}: external data file '{location}' (for tensor '{tensor.name}') is "
-                    f"missing; copy it next to the model into {base}"
+                    f"{problem}; copy it next to the model into {base}"
                 )
             sizes[target] = target.stat().st_size
         end = (info.offset or 0) + (info.length or 0)
@@ -218,10 +226,20 @@ def _check_external_files(tensors: list[onnx.TensorProto], path: Path) -> dict[P
     return sizes
 
 
-def _check_valid(model: onnx.ModelProto, path: Path) -> None:
+def _check_structure(check: Callable[[onnx.ModelProto], None], model: onnx.ModelProto, path: Path) -> None:
     try:
-        onnx.checker.check_model(skeleton(model))
-    except onnx.checker.ValidationError as exc:
+        check(model)
+    except StructureError as exc:
+        raise NormfoldError(f"{path}: not a valid ONNX model: {exc}; re-export it (the file may be "
+                            "corrupted or hand-edited)") from exc
+
+
+def _check_valid(model: onnx.ModelProto, path: Path) -> None:
+    """onnx.checker with strict shape inference: a declared shape or type the
+    graph contradicts is bad input here, not a normfold bug when the output is checked."""
+    try:
+        onnx.checker.check_model(skeleton(model), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NormfoldError(
             f"{path}: not a valid ONNX model ({first}); the file may be truncated or "

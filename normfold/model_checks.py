@@ -1,0 +1,188 @@
+"""Cheap structural checks of a model read from disk, in one walk over its graphs.
+
+`onnx.checker` answers the same questions slowly or vaguely (a cycle and a
+tensor nobody produces both read "must be topologically sorted"), and never
+compares an initializer's data with its dims. These checks name the node and
+tensor at fault: every tensor a node reads is produced earlier (else: nobody
+produces it, or a cycle, or out of order), every tensor is produced once,
+every graph output is computed, and every tensor's data fits its dims.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import onnx
+
+T = onnx.TensorProto
+# Element types stored several to a byte: elements per byte.
+_PACKED = {T.INT4: 2, T.UINT4: 2, T.FLOAT4E2M1: 2, T.INT2: 4, T.UINT2: 4}
+# Types whose storage these checks do not model (variable size or unusual packing).
+_UNCHECKED = {T.UNDEFINED, T.STRING, T.FLOAT6E2M3, T.FLOAT6E3M2}
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+_TENSOR_TEXT_FIELDS = [T.DESCRIPTOR.fields_by_name[name] for name in ("name", "doc_string", "external_data",
+                                                                        "metadata_props")]
+
+
+class StructureError(ValueError):
+    """What is structurally wrong with a model, as a phrase (no path)."""
+
+
+def check_structure(model: onnx.ModelProto) -> None:
+    """Raise StructureError naming the first structural fault of `model`'s graphs
+    (main graph and every subgraph) or of a tensor's data."""
+    _check_graph(model.graph, outer=frozenset())
+
+
+def _check_graph(graph: onnx.GraphProto, outer: frozenset[str]) -> None:
+    where = f" in subgraph '{graph.name}'" if outer else ""
+    for tensor in graph.initializer:
+        check_tensor_data(tensor)
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {s.values.name for s in graph.sparse_initializer}
+    producers: dict[str, onnx.NodeProto] = {}
+    for node in graph.node:
+        for name in filter(None, node.output):
+            if name in defined or name in producers:
+                first = f"node {_describe(producers[name])}" if name in producers else "a graph input or initializer"
+                raise StructureError(f"tensor '{name}' is produced more than once{where} (by {first} and by node "
+                                     f"{_describe(node)})")
+            producers[name] = node
+    available = set(defined)
+    for node in graph.node:
+        for name in filter(None, node.input):
+            if name not in available and name not in outer:
+                raise StructureError(_unavailable(graph, node, name, producers, where))
+        for subgraph in _subgraphs(node):
+            _check_graph(subgraph, outer | available)
+        for tensor in _attribute_tensors(node):
+            check_tensor_data(tensor)
+        available.update(filter(None, node.output))
+    for output in graph.output:
+        if output.name not in available and output.name not in outer:
+            raise StructureError(f"graph output '{output.name}'{where} is computed by no node and is not an input")
+
+
+def _unavailable(graph: onnx.GraphProto, node: onnx.NodeProto, name: str, producers: dict, where: str) -> str:
+    """Why `name`, read by `node`, is not available there."""
+    if name not in producers:
+        return (f"node {_describe(node)}{where} reads '{name}', which no node produces and which is not a graph "
+                "input or initializer")
+    cycle = _find_cycle(graph.node, producers)
+    scope = f"subgraph '{graph.name}'" if where else "the graph"
+    if cycle:
+        return f"{scope} has a cycle: " + " -> ".join(_describe(n) for n in cycle)
+    return (f"the nodes of {scope} are not in topological order: node {_describe(node)} reads '{name}' before "
+            f"node {_describe(producers[name])} produces it")
+
+
+def _find_cycle(nodes, producers: dict[str, onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The nodes of one cycle (first node repeated at the end), or [] (iterative DFS)."""
+    index = {id(n): i for i, n in enumerate(nodes)}
+    state = [0] * len(nodes)  # 0 new, 1 on the current path, 2 done
+    for start in range(len(nodes)):
+        if state[start]:
+            continue
+        path, stack = [], [(start, iter(_preds(nodes[start], producers, index)))]
+        state[start] = 1
+        path.append(start)
+        while stack:
+            current, preds = stack[-1]
+            step = next(preds, None)
+            if step is None:
+                state[current] = 2
+                stack.pop()
+                path.pop()
+            elif state[step] == 1:
+                loop = path[path.index(step):] + [step]
+                return [nodes[i] for i in reversed(loop)]
+            elif state[step] == 0:
+                state[step] = 1
+                path.append(step)
+                stack.append((step, iter(_preds(nodes[step], producers, index))))
+    return []
+
+
+def _preds(node: onnx.NodeProto, producers: dict, index: dict) -> Iterator[int]:
+    for name in node.input:
+        if name in producers:
+            yield index[id(producers[name])]
+
+
+def _describe(node: onnx.NodeProto) -> str:
+    if node.name:
+        return f"'{node.name}' ({node.op_type})"
+    return f"unnamed {node.op_type} writing '{node.output[0]}'" if node.output else f"unnamed {node.op_type}"
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            yield attr.g
+        yield from attr.graphs
+
+
+def _attribute_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+
+
+def check_text(model: onnx.ModelProto) -> None:
+    """Raise StructureError when a string field anywhere in `model` is not UTF-8
+    (protobuf parses such a file and hands the field out as bytes). Tensor data
+    is not read (no copy of the weights)."""
+    _check_text(model)
+
+
+def _check_text(message) -> None:
+    if isinstance(message, T):
+        fields = [(f, getattr(message, f.name)) for f in _TENSOR_TEXT_FIELDS]
+    else:
+        fields = message.ListFields()
+    for field, value in fields:
+        items = value if field.is_repeated else [value]
+        if field.message_type is not None:
+            for item in items:
+                _check_text(item)
+        elif field.type == field.TYPE_STRING:
+            for item in items:
+                if isinstance(item, bytes):
+                    raise StructureError(f"{type(message).__name__}.{field.name} {item[:40]!r} is not UTF-8 text")
+
+
+def check_tensor_data(tensor: onnx.TensorProto) -> None:
+    """Raise StructureError when `tensor`'s dims are negative or its stored data
+    (raw bytes or typed values) does not hold exactly dims' product of elements.
+    External tensors are checked once their data is loaded."""
+    if any(d < 0 for d in tensor.dims):
+        raise StructureError(f"tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
+    if tensor.data_type in _UNCHECKED or tensor.data_location == T.EXTERNAL:
+        return
+    count = math.prod(tensor.dims)
+    if tensor.HasField("raw_data"):
+        want = _storage_bytes(tensor.data_type, count)
+        if want is not None and len(tensor.raw_data) != want:
+            raise StructureError(f"tensor '{tensor.name}' has {len(tensor.raw_data)} bytes of data, but its dims "
+                                 f"{list(tensor.dims)} and type {T.DataType.Name(tensor.data_type)} need {want} bytes")
+        return
+    stored = max(len(getattr(tensor, field)) for field in _TYPED_FIELDS)
+    if tensor.data_type in _PACKED:
+        want = -(-count // _PACKED[tensor.data_type])
+    else:
+        want = count * (2 if tensor.data_type in (T.COMPLEX64, T.COMPLEX128) else 1)
+    if stored != want:
+        raise StructureError(f"tensor '{tensor.name}' holds {stored} values, but its dims {list(tensor.dims)} "
+                             f"need {want}")
+
+
+def _storage_bytes(data_type: int, count: int) -> int | None:
+    """Bytes of raw data for `count` elements of `data_type`, or None if unknown."""
+    if data_type in _PACKED:
+        return -(-count // _PACKED[data_type])
+    try:
+        return count * onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None

@@ -1,0 +1,387 @@
+"""Hostile model files against every command that reads a model: truncated,
+bit-flipped and random bytes (hypothesis), and a fixed corpus of structural
+faults (dangling inputs, cycles, duplicate outputs, initializers whose data
+does not fit their dims, external data escaping the model's folder, missing
+external files). Every case must end with exit 2 and one `normfold: error:`
+line, within a time limit, with every input file unchanged."""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from graphs import BAD_MODEL_FILES, G, conv_bn_model, file_digests, save_with_external_data
+from normfold.cli import main
+from normfold.errors import NormfoldError
+from normfold.model_io import load_model
+from test_cli_fold_bn import assert_bad_input, run_cli
+
+SECONDS_PER_COMMAND = 60
+
+# command -> arguments after the model path; the output (if any) goes to OUT.
+COMMAND_ARGS = {
+    "fold-bn": ["-o", "{out}"],
+    "fuse": ["-o", "{out}"],
+    "fold-wn": ["-o", "{out}"],
+    "optimize": ["-o", "{out}"],
+    "recalibrate": ["--data", "{calib}", "-o", "{out}"],
+    "verify": ["--against", "{model}"],
+    "bench": ["--warmup", "0", "--runs", "1"],
+}
+COMMANDS = [name for name in COMMAND_ARGS if name in main.commands]
+
+
+@contextmanager
+def time_limit(seconds: int):
+    """Fail (instead of hanging) when the body runs longer than `seconds`."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_everywhere(path: Path, folder: Path, must_refuse: bool = True) -> None:
+    """Run every command on `path`, each within the time limit. None may crash;
+    each refusal is exit 2 with one error line and writes nothing; input files
+    never change. With `must_refuse`, every command must refuse; otherwise exit 1
+    (a failed check, one error line, nothing written) is allowed too."""
+    np.savez(folder / "calib.npz", x=np.ones([1, 8, 6, 6], np.float32))  # for recalibrate
+    before = file_digests(folder)
+    out = folder / "out.onnx"
+    for command in COMMANDS:
+        args = [a.format(out=out, model=path, calib=folder / "calib.npz") for a in COMMAND_ARGS[command]]
+        with time_limit(SECONDS_PER_COMMAND):
+            code, stdout, stderr = run_cli(command, path, *args)
+        assert "internal error" not in stderr and "Traceback" not in stderr + stdout, f"{command}: {stderr}"
+        after = file_digests(folder)
+        if must_refuse or code != 0:
+            # exit 1 (a failed check, e.g. a flipped weight bit made NaN) only for a model load_model accepts
+            assert code == 2 or (code == 1 and not must_refuse), f"{command}: exit {code}, stderr {stderr!r}"
+            assert_bad_input(2, stdout, as_shown(stderr))
+            assert after == before, f"{command} changed or wrote files"
+        else:
+            assert {name: after.get(name) for name in before} == before, f"{command} changed its input files"
+            for written in set(after) - set(before):
+                (folder / written).unlink()
+
+
+def as_shown(text: str) -> str:
+    """`text` as a terminal shows it: of each line, what follows its last carriage
+    return (progress bars redraw themselves with \\r)."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def write(folder: Path, model: onnx.ModelProto, name: str = "m.onnx") -> Path:
+    path = folder / name
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+# ------------------------------------------------------------- structural corpus
+def _dangling_input(d):
+    m = conv_bn_model()[0]
+    m.graph.node[1].input[0] = "produced_by_nobody"
+    return write(d, m)
+
+
+def _dangling_graph_output(d):
+    m = conv_bn_model()[0]
+    m.graph.output[0].name = "never_computed"
+    return write(d, m)
+
+
+def _cycle(d):
+    """Two Relu nodes reading each other's output."""
+    g = G()
+    x = g.input([1, 4], name="x")
+    g.op("Relu", ["b"], outputs=["a"])
+    g.op("Add", [x, "a"], outputs=["b"])
+    g.output("b", shape=[1, 4])
+    return write(d, _unchecked(g))
+
+
+def _self_loop(d):
+    g = G()
+    x = g.input([1, 4], name="x")
+    g.op("Add", [x, "y"], outputs=["y"])
+    g.output("y", shape=[1, 4])
+    return write(d, _unchecked(g))
+
+
+def _duplicate_output(d):
+    m = conv_bn_model()[0]
+    m.graph.node[1].output[0] = m.graph.node[0].output[0]
+    return write(d, m)
+
+
+def _output_shadows_input(d):
+    m = conv_bn_model()[0]
+    m.graph.node[0].output[0] = "x"
+    return write(d, m)
+
+
+def _output_shadows_initializer(d):
+    m = conv_bn_model()[0]
+    m.graph.node[0].output[0] = m.graph.initializer[0].name
+    return write(d, m)
+
+
+def _raw_data_short(d):
+    m = conv_bn_model()[0]
+    weight = max(m.graph.initializer, key=lambda t: len(t.raw_data))
+    weight.raw_data = weight.raw_data[:-4]
+    return write(d, m)
+
+
+def _raw_data_long(d):
+    m = conv_bn_model()[0]
+    bias = min(m.graph.initializer, key=lambda t: len(t.raw_data))
+    bias.raw_data = bias.raw_data + b"\0" * 8
+    return write(d, m)
+
+
+def _huge_dims(d):
+    """Dims claiming 2**40 elements over 16 bytes of data."""
+    m = conv_bn_model()[0]
+    weight = max(m.graph.initializer, key=lambda t: len(t.raw_data))
+    weight.dims[:] = [2**20, 2**20]
+    return write(d, m)
+
+
+def _negative_dim(d):
+    m = conv_bn_model()[0]
+    m.graph.initializer[0].dims[0] = -3
+    return write(d, m)
+
+
+def _float_data_count(d):
+    m = conv_bn_model()[0]
+    t = m.graph.initializer[-1]
+    values = onnx.numpy_helper.to_array(t).ravel().tolist()
+    t.ClearField("raw_data")
+    t.float_data.extend(values[:-1])
+    return write(d, m)
+
+
+def _cycle_in_subgraph(d):
+    """An If whose then-branch holds a two-node cycle."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    loop = helper.make_graph([helper.make_node("Add", ["x", "q"], ["p"]), helper.make_node("Relu", ["p"], ["q"])],
+                             "then", [], [helper.make_tensor_value_info("q", TensorProto.FLOAT, [2])])
+    plain = helper.make_graph([helper.make_node("Relu", ["x"], ["r"])], "else", [],
+                              [helper.make_tensor_value_info("r", TensorProto.FLOAT, [2])])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=loop, else_branch=plain)
+    graph = helper.make_graph([node], "main", [x, cond], [y])
+    return write(d, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10))
+
+
+def _external_saved(folder: Path) -> Path:
+    """conv_bn_model saved in `folder` with its weights in m.onnx.data."""
+    p = folder / "m.onnx"
+    save_with_external_data(conv_bn_model()[0], p, "m.onnx.data")
+    return p
+
+
+def _edit_external(path: Path, key: str, edit) -> None:
+    """Rewrite the external-data field `key` of every tensor of the model at `path` to `edit(value)`."""
+    m = onnx.load_model(str(path), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == key:
+                e.value = edit(e.value)
+    path.write_bytes(m.SerializeToString())
+
+
+def _external_symlink_escape(d):
+    """The external-data file is a symlink in the model's folder pointing outside it."""
+    (d / "model").mkdir()
+    p = _external_saved(d / "model")
+    (d / "model" / "m.onnx.data").rename(d / "outside.data")
+    (d / "model" / "m.onnx.data").symlink_to(d / "outside.data")
+    return p
+
+
+def _external_folder_symlink_escape(d):
+    """The location goes through a symlinked folder that points outside."""
+    (d / "model").mkdir()
+    (d / "elsewhere").mkdir()
+    p = _external_saved(d / "model")
+    (d / "model" / "m.onnx.data").rename(d / "elsewhere" / "m.onnx.data")
+    (d / "model" / "link").symlink_to(d / "elsewhere")
+    _edit_external(p, "location", lambda value: "link/m.onnx.data")
+    return p
+
+
+def _external_length_mismatch(d):
+    """The external slice is shorter than the tensor's dims need."""
+    p = _external_saved(d)
+    _edit_external(p, "length", lambda value: str(int(value) - 4))
+    return p
+
+
+def _external_is_folder(d):
+    p = _external_saved(d)
+    (d / "m.onnx.data").unlink()
+    (d / "m.onnx.data").mkdir()
+    return p
+
+
+def _external_bad_offset(d):
+    p = _external_saved(d)
+    _edit_external(p, "offset", lambda value: "-8")
+    return p
+
+
+def _unchecked(g: G) -> onnx.ModelProto:
+    """g's model without the checker (which refuses these graphs)."""
+    return helper.make_model(g.graph(), opset_imports=[helper.make_opsetid("", g.opset)], ir_version=10)
+
+
+STRUCTURAL = {
+    "dangling input": _dangling_input,
+    "dangling graph output": _dangling_graph_output,
+    "cycle": _cycle,
+    "self loop": _self_loop,
+    "duplicate node output": _duplicate_output,
+    "output shadows a graph input": _output_shadows_input,
+    "output shadows an initializer": _output_shadows_initializer,
+    "raw data too short": _raw_data_short,
+    "raw data too long": _raw_data_long,
+    "dims far larger than data": _huge_dims,
+    "negative dim": _negative_dim,
+    "float_data count": _float_data_count,
+    "cycle in subgraph": _cycle_in_subgraph,
+    "external data symlink escapes": _external_symlink_escape,
+    "external data through symlinked folder": _external_folder_symlink_escape,
+    "external length too short": _external_length_mismatch,
+    "external data is a folder": _external_is_folder,
+    "external negative offset": _external_bad_offset,
+}
+CORPUS = {**STRUCTURAL, **BAD_MODEL_FILES}
+
+
+@pytest.mark.parametrize("case", list(CORPUS))
+def test_corpus_is_refused_by_every_command(tmp_path, case):
+    path = CORPUS[case](tmp_path)
+    run_everywhere(path, tmp_path)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("dangling input", ["produced_by_nobody", "no node produces"]),
+    ("dangling graph output", ["never_computed"]),
+    ("cycle", ["cycle"]),
+    ("self loop", ["cycle"]),
+    ("cycle in subgraph", ["cycle", "then"]),
+    ("duplicate node output", ["more than once"]),
+    ("output shadows a graph input", ["'x'", "more than once"]),
+    ("raw data too short", ["bytes"]),
+    ("dims far larger than data", ["bytes"]),
+    ("negative dim", ["negative"]),
+    ("float_data count", ["values"]),
+    ("external data symlink escapes", ["outside the model's folder"]),
+    ("external data through symlinked folder", ["outside the model's folder"]),
+    ("external length too short", ["bytes"]),
+])
+def test_structural_errors_say_what_is_wrong(tmp_path, case, words):
+    path = STRUCTURAL[case](tmp_path)
+    with pytest.raises(NormfoldError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(path))
+    for word in words:
+        assert word in message, message
+
+
+def _conv_bias_is_the_weight(d):
+    """Parses and passes onnx.checker (found by the bit-flip fuzz): the Conv's bias input names its 4-D weight."""
+    m = conv_bn_model()[0]
+    conv = m.graph.node[0]
+    conv.input[2] = conv.input[1]
+    return write(d, m)
+
+
+@pytest.mark.xfail(strict=True, reason="passes/fold_bn.py folds into a Conv without checking that its bias is "
+                                       "a vector of the output channels (internal error); owner of fold_bn to fix")
+def test_conv_bias_of_wrong_shape(tmp_path):
+    run_everywhere(_conv_bias_is_the_weight(tmp_path), tmp_path)
+
+
+def test_valid_models_still_load(tmp_path):
+    """The checks refuse nothing valid: a model with a subgraph reading an outer
+    name, optional (empty) inputs, and external data."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    outer = helper.make_graph([helper.make_node("Relu", ["r"], ["t"])], "then", [],
+                              [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
+    nodes = [helper.make_node("Clip", ["x", "", "hi"], ["r"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=outer, else_branch=other)]
+    hi = onnx.numpy_helper.from_array(np.array(1.0, np.float32), "hi")
+    graph = helper.make_graph(nodes, "main", [x, cond], [y], [hi])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    loaded = load_model(write(tmp_path, model)).model
+    assert loaded.SerializeToString() == model.SerializeToString()
+    (tmp_path / "external").mkdir()
+    assert load_model(_external_saved(tmp_path / "external")).had_external_data
+
+
+# ------------------------------------------------------------- byte-level fuzzing
+SEED_MODEL = conv_bn_model()[0].SerializeToString()
+# a quarter of the profile's examples (25 by default; HYPOTHESIS_PROFILE=normfold-stress: 250)
+FUZZ = settings(max_examples=max(2, settings.default.max_examples // 4), deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _fuzz_case(tmp_path_factory, data: bytes) -> None:
+    """A file load_model refuses is refused by every command; one it accepts (a
+    flipped bit in a weight, a changed name) runs or is refused, never crashes."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    path = folder / "m.onnx"
+    path.write_bytes(data)
+    try:
+        load_model(path)
+    except NormfoldError:
+        run_everywhere(path, folder)
+    else:
+        run_everywhere(path, folder, must_refuse=False)
+
+
+@FUZZ
+@given(st.integers(0, len(SEED_MODEL) - 1))
+def test_truncated_model(tmp_path_factory, cut):
+    _fuzz_case(tmp_path_factory, SEED_MODEL[:cut])
+
+
+@FUZZ
+@given(st.lists(st.integers(0, len(SEED_MODEL) * 8 - 1), min_size=1, max_size=4))
+def test_bit_flipped_model(tmp_path_factory, bits):
+    data = bytearray(SEED_MODEL)
+    for bit in bits:
+        data[bit // 8] ^= 1 << (bit % 8)
+    _fuzz_case(tmp_path_factory, bytes(data))
+
+
+@FUZZ
+@given(st.binary(min_size=0, max_size=2048))
+def test_random_bytes(tmp_path_factory, data):
+    _fuzz_case(tmp_path_factory, data)
+
