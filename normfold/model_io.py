@@ -313,6 +313,7 @@ def save_model(
     external_data: bool | None = None,
     check: bool = True,
     detached: Mapping[str, DetachedTensor] | None = None,
+    before_commit: Callable[[Path], bool] | None = None,
 ) -> int:
     """Check `model`, then write it to `out` atomically and return the bytes written.
 
@@ -321,6 +322,9 @@ def save_model(
     `external_data=None` stores weights externally (in `<out name>.data`) only
     when the model is over 2 GB. `detached` supplies the data of placeholder
     initializers, loaded one at a time while writing.
+    `before_commit(staged)` is called with the complete model written to a
+    staging folder beside `out`; only if it returns True are the files moved
+    into place, else nothing is written and 0 is returned.
     """
     detached = detached or {}
     out = Path(out)
@@ -349,6 +353,20 @@ def save_model(
                 f"{out}: its weights file {data_file.name} would overwrite the input's external "
                 "data; choose another -o name"
             )
+    if before_commit is None:
+        return _write(model, out, detached, external_data)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".normfold-staged-") as stage:
+        staged = Path(stage) / out.name
+        written = _write(model, staged, detached, external_data)
+        if not before_commit(staged):
+            return 0
+        for file in Path(stage).iterdir():
+            os.replace(file, folder / file.name)
+    return written
+
+
+def _write(model: onnx.ModelProto, out: Path, detached: Mapping[str, DetachedTensor], external_data: bool) -> int:
+    if external_data:
         return _write_external(model, out, detached)
     return _write_single(model, out, detached)
 
