@@ -31,60 +31,68 @@ class StructureError(ValueError):
 
 def check_structure(model: onnx.ModelProto) -> None:
     """Raise StructureError naming the first structural fault of `model`'s graphs
-    (main graph and every subgraph) or of a tensor's data."""
-    _check_graph(model.graph, outer=frozenset())
+    (main graph and every subgraph) or of a tensor's data. The main graph's
+    initializers are left to the reader, which checks each with
+    `check_tensor_data` as it parses it (reading `raw_data` here would copy every weight)."""
+    _check_graph(model.graph, outer=())
 
 
-def _check_graph(graph: onnx.GraphProto, outer: frozenset[str]) -> None:
+def _check_graph(graph: onnx.GraphProto, outer: tuple[set[str], ...]) -> None:
+    """`outer`: the names visible from enclosing graphs (one set per level, not copied)."""
     where = f" in subgraph '{graph.name}'" if outer else ""
-    for tensor in graph.initializer:
+    for tensor in graph.initializer if outer else ():
         check_tensor_data(tensor)
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     defined |= {s.values.name for s in graph.sparse_initializer}
-    producers: dict[str, onnx.NodeProto] = {}
-    for node in graph.node:
+    nodes = list(graph.node)
+    producers: dict[str, int] = {}  # tensor name -> index of the node producing it
+    for i, node in enumerate(nodes):
         for name in filter(None, node.output):
             if name in defined or name in producers:
-                first = f"node {_describe(producers[name])}" if name in producers else "a graph input or initializer"
-                raise StructureError(f"tensor '{name}' is produced more than once{where} (by {first} and by node "
+                first = "a graph input or initializer" if name in defined else _describe(nodes[producers[name]])
+                raise StructureError(f"tensor '{name}' is produced more than once{where} (by {first} and by "
                                      f"{_describe(node)})")
-            producers[name] = node
+            producers[name] = i
     available = set(defined)
-    for node in graph.node:
+    for node in nodes:
         for name in filter(None, node.input):
-            if name not in available and name not in outer:
-                raise StructureError(_unavailable(graph, node, name, producers, where))
+            if name not in available and not _visible(name, outer):
+                raise StructureError(_unavailable(graph, nodes, node, name, producers, where))
         for subgraph in _subgraphs(node):
-            _check_graph(subgraph, outer | available)
+            _check_graph(subgraph, outer + (available,))
         for tensor in _attribute_tensors(node):
             check_tensor_data(tensor)
         available.update(filter(None, node.output))
     for output in graph.output:
-        if output.name not in available and output.name not in outer:
+        if output.name not in available and not _visible(output.name, outer):
             raise StructureError(f"graph output '{output.name}'{where} is computed by no node and is not an input")
 
 
-def _unavailable(graph: onnx.GraphProto, node: onnx.NodeProto, name: str, producers: dict, where: str) -> str:
+def _visible(name: str, scopes: tuple[set[str], ...]) -> bool:
+    return any(name in scope for scope in scopes)
+
+
+def _unavailable(graph: onnx.GraphProto, nodes: list, node: onnx.NodeProto, name: str, producers: dict[str, int],
+                 where: str) -> str:
     """Why `name`, read by `node`, is not available there."""
     if name not in producers:
-        return (f"node {_describe(node)}{where} reads '{name}', which no node produces and which is not a graph "
+        return (f"{_describe(node)}{where} reads '{name}', which no node produces and which is not a graph "
                 "input or initializer")
-    cycle = _find_cycle(graph.node, producers)
+    cycle = _find_cycle(nodes, producers)
     scope = f"subgraph '{graph.name}'" if where else "the graph"
     if cycle:
         return f"{scope} has a cycle: " + " -> ".join(_describe(n) for n in cycle)
-    return (f"the nodes of {scope} are not in topological order: node {_describe(node)} reads '{name}' before "
-            f"node {_describe(producers[name])} produces it")
+    return (f"the nodes of {scope} are not in topological order: {_describe(node)} reads '{name}' before "
+            f"{_describe(nodes[producers[name]])} produces it")
 
 
-def _find_cycle(nodes, producers: dict[str, onnx.NodeProto]) -> list[onnx.NodeProto]:
+def _find_cycle(nodes: list, producers: dict[str, int]) -> list[onnx.NodeProto]:
     """The nodes of one cycle (first node repeated at the end), or [] (iterative DFS)."""
-    index = {id(n): i for i, n in enumerate(nodes)}
     state = [0] * len(nodes)  # 0 new, 1 on the current path, 2 done
     for start in range(len(nodes)):
         if state[start]:
             continue
-        path, stack = [], [(start, iter(_preds(nodes[start], producers, index)))]
+        path, stack = [], [(start, _preds(nodes[start], producers))]
         state[start] = 1
         path.append(start)
         while stack:
@@ -100,20 +108,19 @@ def _find_cycle(nodes, producers: dict[str, onnx.NodeProto]) -> list[onnx.NodePr
             elif state[step] == 0:
                 state[step] = 1
                 path.append(step)
-                stack.append((step, iter(_preds(nodes[step], producers, index))))
+                stack.append((step, _preds(nodes[step], producers)))
     return []
 
 
-def _preds(node: onnx.NodeProto, producers: dict, index: dict) -> Iterator[int]:
-    for name in node.input:
-        if name in producers:
-            yield index[id(producers[name])]
+def _preds(node: onnx.NodeProto, producers: dict[str, int]) -> Iterator[int]:
+    """Indices of the nodes producing `node`'s inputs."""
+    return (producers[name] for name in node.input if name in producers)
 
 
 def _describe(node: onnx.NodeProto) -> str:
     if node.name:
-        return f"'{node.name}' ({node.op_type})"
-    return f"unnamed {node.op_type} writing '{node.output[0]}'" if node.output else f"unnamed {node.op_type}"
+        return f"node '{node.name}' ({node.op_type})"
+    return f"unnamed {node.op_type} node" + (f" writing '{node.output[0]}'" if node.output else "")
 
 
 def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -153,19 +160,25 @@ def _check_text(message) -> None:
                     raise StructureError(f"{type(message).__name__}.{field.name} {item[:40]!r} is not UTF-8 text")
 
 
-def check_tensor_data(tensor: onnx.TensorProto) -> None:
-    """Raise StructureError when `tensor`'s dims are negative or its stored data
-    (raw bytes or typed values) does not hold exactly dims' product of elements.
-    External tensors are checked once their data is loaded."""
+def check_tensor_data(tensor: onnx.TensorProto, raw_size: int | None = None) -> None:
+    """Raise StructureError when `tensor`'s dims are negative or its data does not
+    hold exactly dims' product of elements. `raw_size` is the size of its raw
+    data when the caller knows it (external data, a parsed record); otherwise
+    raw data is measured, and external tensors are not checked."""
     if any(d < 0 for d in tensor.dims):
         raise StructureError(f"tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
-    if tensor.data_type in _UNCHECKED or tensor.data_location == T.EXTERNAL:
+    if tensor.data_type in _UNCHECKED:
         return
+    if raw_size is None:
+        if tensor.data_location == T.EXTERNAL:
+            return
+        if tensor.HasField("raw_data"):
+            raw_size = len(tensor.raw_data)
     count = math.prod(tensor.dims)
-    if tensor.HasField("raw_data"):
+    if raw_size is not None:
         want = _storage_bytes(tensor.data_type, count)
-        if want is not None and len(tensor.raw_data) != want:
-            raise StructureError(f"tensor '{tensor.name}' has {len(tensor.raw_data)} bytes of data, but its dims "
+        if want is not None and raw_size != want:
+            raise StructureError(f"tensor '{tensor.name}' has {raw_size} bytes of data, but its dims "
                                  f"{list(tensor.dims)} and type {T.DataType.Name(tensor.data_type)} need {want} bytes")
         return
     stored = max(len(getattr(tensor, field)) for field in _TYPED_FIELDS)

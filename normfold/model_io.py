@@ -8,6 +8,7 @@ input file is never written over unless the caller asks for it.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import onnx.shape_inference
 from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
 
 from .errors import NormfoldError
-from .model_checks import StructureError, check_structure, check_text
+from .model_checks import StructureError, check_structure, check_tensor_data, check_text
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Tensors at least this big go to the external-data file when saving externally.
@@ -33,6 +34,7 @@ EXTERNAL_THRESHOLD_BYTES = 1024
 LARGE_TENSOR_ELEMENTS = 1024
 _GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW_DATA_FIELD = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
 @dataclass
@@ -67,6 +69,8 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
             model = _parse_model(f, path.stat().st_size)
     except OSError as exc:
         raise NormfoldError(f"{path}: cannot read the file ({exc.strerror})") from exc
+    except StructureError as exc:
+        raise _invalid(path, exc) from exc
     except (google.protobuf.message.DecodeError, ValueError, RuntimeError) as exc:
         raise NormfoldError(
             f"{path}: not an ONNX model (the protobuf does not parse: the file is truncated, "
@@ -77,13 +81,16 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
             f"{path}: not an ONNX model (no IR version, graph or opset; the file may be truncated "
             "or of another format); re-export or re-download it"
         )
-    _check_structure(check_text, model, path)
-    _check_versions(model, path)
-    external = _external_tensors(model)
-    files = _check_external_files(external, path)
-    if external:
-        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    _check_structure(check_structure, model, path)
+    try:
+        check_text(model)
+        _check_versions(model, path)
+        external = _external_tensors(model)
+        files = _check_external_files(external, path)
+        if external:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+        check_structure(model)
+    except StructureError as exc:
+        raise _invalid(path, exc) from exc
     _check_valid(model, path)
     return LoadedModel(
         model=model, path=path, had_external_data=bool(external),
@@ -103,13 +110,24 @@ def _parse_model(f: BinaryIO, size: int) -> onnx.ModelProto:
                 f.seek(sub_start)
                 if sub_field == _INITIALIZER_FIELD and sub_wire == 2:
                     f.seek(sub_start + sub_header)
-                    model.graph.initializer.add().ParseFromString(_read(f, sub_length))
+                    record = _read(f, sub_length)
+                    tensor = model.graph.initializer.add()
+                    tensor.ParseFromString(record)
+                    check_tensor_data(tensor, raw_size=_raw_data_size(record))
                 else:
                     model.graph.MergeFromString(_read(f, sub_header + sub_length))
         else:
             f.seek(start)
             model.MergeFromString(_read(f, header + length))
     return model
+
+
+def _raw_data_size(record: bytes) -> int | None:
+    """Bytes of raw data in a serialized TensorProto (read from the record, so
+    the data is not copied), or None when it has none."""
+    sizes = [length for field, wire, _, _, length in _records(io.BytesIO(record), 0, len(record))
+             if field == _RAW_DATA_FIELD and wire == 2]
+    return sum(sizes) if sizes else None
 
 
 def _read(f: BinaryIO, n: int) -> bytes:
@@ -223,15 +241,14 @@ def _check_external_files(tensors: list[onnx.TensorProto], path: Path) -> dict[P
                 f"{path}: external data file '{location}' is truncated ({sizes[target]} bytes, "
                 f"tensor '{tensor.name}' needs bytes up to {end}); copy the complete file again"
             )
+        available = sizes[target] - (info.offset or 0)
+        check_tensor_data(tensor, raw_size=info.length if info.length is not None else max(0, available))
     return sizes
 
 
-def _check_structure(check: Callable[[onnx.ModelProto], None], model: onnx.ModelProto, path: Path) -> None:
-    try:
-        check(model)
-    except StructureError as exc:
-        raise NormfoldError(f"{path}: not a valid ONNX model: {exc}; re-export it (the file may be "
-                            "corrupted or hand-edited)") from exc
+def _invalid(path: Path, problem: StructureError) -> NormfoldError:
+    return NormfoldError(f"{path}: not a valid ONNX model: {problem}; re-export it (the file may be "
+                         "corrupted or hand-edited)")
 
 
 def _check_valid(model: onnx.ModelProto, path: Path) -> None:

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 from graphs import BAD_MODEL_FILES, G, conv_bn_model, file_digests, save_with_external_data
 from normfold.cli import main
 from normfold.errors import NormfoldError
+from normfold.model_checks import StructureError, check_tensor_data
 from normfold.model_io import load_model
 from test_cli_fold_bn import assert_bad_input, run_cli
 
@@ -121,6 +122,15 @@ def _self_loop(d):
     g.op("Add", [x, "y"], outputs=["y"])
     g.output("y", shape=[1, 4])
     return write(d, _unchecked(g))
+
+
+def _out_of_order(d):
+    """Acyclic, but the Relu comes before the Conv whose output it reads."""
+    m = conv_bn_model()[0]
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes[::-1])
+    return write(d, m)
 
 
 def _duplicate_output(d):
@@ -259,6 +269,7 @@ STRUCTURAL = {
     "dangling graph output": _dangling_graph_output,
     "cycle": _cycle,
     "self loop": _self_loop,
+    "nodes out of order": _out_of_order,
     "duplicate node output": _duplicate_output,
     "output shadows a graph input": _output_shadows_input,
     "output shadows an initializer": _output_shadows_initializer,
@@ -288,6 +299,7 @@ def test_corpus_is_refused_by_every_command(tmp_path, case):
     ("dangling graph output", ["never_computed"]),
     ("cycle", ["cycle"]),
     ("self loop", ["cycle"]),
+    ("nodes out of order", ["not in topological order", "'bn' (BatchNormalization) produces it"]),
     ("cycle in subgraph", ["cycle", "then"]),
     ("duplicate node output", ["more than once"]),
     ("output shadows a graph input", ["'x'", "more than once"]),
@@ -342,6 +354,30 @@ def test_valid_models_still_load(tmp_path):
     assert loaded.SerializeToString() == model.SerializeToString()
     (tmp_path / "external").mkdir()
     assert load_model(_external_saved(tmp_path / "external")).had_external_data
+
+
+@given(st.sampled_from([np.float32, np.float16, np.int64, np.int8, np.bool_, np.float64, np.complex64]),
+       st.lists(st.integers(0, 5), max_size=3), st.integers(-9, 9))
+def test_tensor_data_size_check_agrees_with_numpy(dtype, shape, extra):
+    """Tensors made by onnx from a numpy array pass, as raw bytes and as typed
+    values; `extra` bytes or values more or less fail."""
+    array = np.zeros(shape, dtype)
+    raw = onnx.numpy_helper.from_array(array, "t")
+    typed = helper.make_tensor("t", raw.data_type, shape, array.ravel().tolist())
+    check_tensor_data(raw)
+    check_tensor_data(typed)
+    values = getattr(typed, helper.tensor_dtype_to_field(raw.data_type))
+    if extra == 0 or len(values) + extra < 0:
+        return
+    raw.raw_data = b"\0" * (array.nbytes + extra)
+    with pytest.raises(StructureError, match=f"has {array.nbytes + extra} bytes of data"):
+        check_tensor_data(raw)
+    if extra > 0:
+        values.extend([0] * extra)
+    else:
+        del values[extra:]
+    with pytest.raises(StructureError, match=f"holds {len(values)} values"):
+        check_tensor_data(typed)
 
 
 # ------------------------------------------------------------- byte-level fuzzing
