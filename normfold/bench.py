@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import NormfoldError
-from .inputs import Feeds, InputSpec, input_specs
+from .inputs import Feeds, InputSpec, check_feeds, input_specs
 from .model_io import load_model
 from .references import run_session
 from .runtime import make_session
@@ -108,6 +108,9 @@ def _measure(prepared: list[_Prepared], specs: list[InputSpec], samples: list[Fe
              threads: int | None, warmup: int, runs: int, optimize: bool) -> list[LatencyStats]:
     if warmup < 0 or runs < 1:
         raise NormfoldError(f"need warmup >= 0 and runs >= 1 (got warmup {warmup}, runs {runs})")
+    for other in prepared[1:]:  # same names and dtypes, but fixed sizes may differ
+        for sample in samples:
+            check_feeds(sample, other.specs, f"the inputs for {other.name}")
     sessions = [make_session(p.source, provider=provider, optimize=optimize, threads=threads) for p in prepared]
     names = [p.name for p in prepared]
     times = _run_interleaved(sessions, samples, names, warmup, runs)

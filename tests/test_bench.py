@@ -156,6 +156,13 @@ def test_against_with_other_input_names_is_a_clear_error(tmp_path):
     assert "takes different inputs" in err and "images" in err and "x: float32" in err
 
 
+def test_against_with_other_fixed_sizes_is_a_clear_error(tmp_path):
+    a, b = save(tmp_path, tiny_model(batch=2), "a.onnx"), save(tmp_path, tiny_model(batch=3), "b.onnx")
+    code, out, err = run_cli("bench", a, "--against", b)
+    assert_bad_input(code, out, err)
+    assert "b.onnx: does not match the model inputs" in err and "x: float32[3,3]" in err
+
+
 @pytest.mark.parametrize("args, words", [
     (["missing.onnx"], ["missing.onnx", "no such file"]),
     (["{m}", "--shape", "x=1x2x3"], ["3 dimensions", "declares 2"]),
