@@ -268,8 +268,14 @@ def _input_shape(model_path: Path) -> list[int]:
 
 
 def _remove(model_path: Path) -> None:
-    """Delete a model and its external-data files (<name>.onnx*, <name>.data)."""
-    for path in [*model_path.parent.glob(model_path.name + "*"), model_path.with_suffix(".data")]:
+    """Delete a model and its external-data files: those it names (onnxsim picks uuid names)
+    and any <name>.onnx* / <name>.data."""
+    named = []
+    if model_path.is_file():
+        model = onnx.load(model_path, load_external_data=False)
+        named = [model_path.parent / e.value for t in model.graph.initializer for e in t.external_data
+                 if e.key == "location"]
+    for path in {*named, *model_path.parent.glob(model_path.name + "*"), model_path.with_suffix(".data")}:
         if path.is_file():
             path.unlink()
 
