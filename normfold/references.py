@@ -49,12 +49,12 @@ class OnnxReference(Reference):
 
     kind = "onnx"
 
-    def __init__(self, model: onnx.ModelProto, description: str = "ONNX model"):
+    def __init__(self, model: onnx.ModelProto, description: str = "ONNX model", path: Path | None = None):
         from .runtime import make_session
 
         self.model = model
         self.description = description
-        self.session = make_session(model, provider="cpu", optimize=False)
+        self.session = make_session(os.fspath(path) if path else model, provider="cpu", optimize=False)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_names = [spec.name for spec in input_specs(model)]
 
@@ -218,7 +218,7 @@ def _load_file(path: Path, weights) -> Reference:
     kind = file_kind(path)
     if kind == "onnx":
         _no_weights(weights, "an ONNX model")
-        return OnnxReference(load_model(path).model, str(path))
+        return OnnxReference(load_model(path).model, str(path), path)
     if kind == "torchscript":
         _no_weights(weights, "a TorchScript file (it carries its weights)")
         torch = import_torch()

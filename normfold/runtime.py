@@ -7,9 +7,11 @@ models rewritten by normfold run wherever normfold runs.
 from __future__ import annotations
 
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 
 from .errors import NormfoldError
+from .model_io import PROTOBUF_LIMIT, model_bytes, skeleton
 from .ops_library import register_ops
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -45,7 +47,7 @@ def make_session(
     if threads:
         options.intra_op_num_threads = threads
     register_ops(options, provider)
-    source = model if isinstance(model, str) else model.SerializeToString()
+    source = model if isinstance(model, str) else _serialized(model, options)
     providers = [name] if provider == "cpu" else [name, PROVIDERS["cpu"]]
     try:
         session = ort.InferenceSession(source, options, providers=providers)
@@ -59,3 +61,27 @@ def make_session(
             "libraries); use --provider cpu"
         )
     return session
+
+
+def _serialized(model: onnx.ModelProto, options: ort.SessionOptions) -> bytes:
+    """`model` as bytes for onnxruntime. Over protobuf's 2 GB limit, the large
+    initializers are handed to onnxruntime as external initializers (no copy)
+    and stay in the bytes as data-less placeholders."""
+    if model_bytes(model) <= PROTOBUF_LIMIT:
+        return model.SerializeToString()
+    light = skeleton(model)  # large weights left out (declared as inputs, dropped again here)
+    del light.graph.input[len(model.graph.input):]
+    kept = {t.name for t in light.graph.initializer}
+    names, values = [], []
+    for tensor in model.graph.initializer:
+        if tensor.name in kept:
+            continue
+        placeholder = light.graph.initializer.add()
+        placeholder.name, placeholder.data_type = tensor.name, tensor.data_type
+        placeholder.dims.extend(tensor.dims)
+        placeholder.data_location = onnx.TensorProto.EXTERNAL
+        placeholder.external_data.add(key="location", value="normfold-in-memory")
+        names.append(tensor.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(onnx.numpy_helper.to_array(tensor)))
+    options.add_external_initializers(names, values)
+    return light.SerializeToString()

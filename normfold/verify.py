@@ -52,7 +52,9 @@ def verify(
     """
     model, candidate_name = _candidate_model(candidate)
     specs = input_specs(model)
-    session = make_session(model, provider=provider, optimize=False)
+    # from a path onnxruntime reads the weights itself (no 2 GB protobuf limit, no second copy)
+    session = make_session(model if isinstance(candidate, onnx.ModelProto) else os.fspath(candidate),
+                           provider=provider, optimize=False)
     feeds_list, source = _resolve_inputs(inputs, specs, shapes, seed, samples)
     ref = load_reference(reference, weights)
     ref.bind(specs)

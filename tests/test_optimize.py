@@ -303,3 +303,18 @@ def test_optimize_with_data_recalibrates_then_folds(tmp_path):
     want, before = ort_run(recalibrated, feeds)[0], ort_run(model, feeds)[0]
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
     assert np.abs(want - before).max() > 1e-3  # recalibration changed the numbers
+
+
+def test_sessions_for_models_over_the_protobuf_limit(monkeypatch):
+    """In-memory models over 2 GB reach onnxruntime with their large weights as
+    external initializers (limit lowered here so a small model takes that path)."""
+    import normfold.runtime as runtime
+    from normfold.verify import verify
+
+    _, model, x = everything()
+    feeds = {model.graph.input[0].name: x}
+    want = ort_run(model, feeds)[0]
+    monkeypatch.setattr(runtime, "PROTOBUF_LIMIT", 1000)
+    assert np.array_equal(make_session(model).run(None, feeds)[0], want)
+    optimized, _ = normfold.optimize(model)
+    assert verify(optimized, model, inputs=feeds).passed
