@@ -19,7 +19,8 @@ T = onnx.TensorProto
 # Element types stored several to a byte: elements per byte.
 _PACKED = {T.INT4: 2, T.UINT4: 2, T.FLOAT4E2M1: 2, T.INT2: 4, T.UINT2: 4}
 # Types whose storage these checks do not model (variable size or unusual packing).
-_UNCHECKED = {T.UNDEFINED, T.STRING, T.FLOAT6E2M3, T.FLOAT6E3M2}
+_UNCHECKED = {T.STRING, T.FLOAT6E2M3, T.FLOAT6E3M2}
+_KNOWN_TYPES = set(T.DataType.values()) - {T.UNDEFINED}
 _TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
 _TENSOR_TEXT_FIELDS = [T.DESCRIPTOR.fields_by_name[name] for name in ("name", "doc_string", "external_data",
                                                                         "metadata_props")]
@@ -167,6 +168,8 @@ def check_tensor_data(tensor: onnx.TensorProto, raw_size: int | None = None) -> 
     raw data is measured, and external tensors are not checked."""
     if any(d < 0 for d in tensor.dims):
         raise StructureError(f"tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
+    if tensor.data_type not in _KNOWN_TYPES:
+        raise StructureError(f"tensor '{tensor.name}' has no known element type (data_type {tensor.data_type})")
     if tensor.data_type in _UNCHECKED:
         return
     if raw_size is None:

@@ -256,7 +256,7 @@ def _check_valid(model: onnx.ModelProto, path: Path) -> None:
     graph contradicts is bad input here, not a normfold bug when the output is checked."""
     try:
         onnx.checker.check_model(skeleton(model), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NormfoldError(
             f"{path}: not a valid ONNX model ({first}); the file may be truncated or "

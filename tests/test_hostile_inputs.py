@@ -179,6 +179,21 @@ def _negative_dim(d):
     return write(d, m)
 
 
+def _initializer_type(data_type):
+    def build(d):
+        m = conv_bn_model()[0]
+        m.graph.initializer[0].data_type = data_type
+        return write(d, m)
+
+    return build
+
+
+def _input_without_type(d):
+    m = conv_bn_model()[0]
+    m.graph.input[0].type.tensor_type.elem_type = 0
+    return write(d, m)
+
+
 def _float_data_count(d):
     m = conv_bn_model()[0]
     t = m.graph.initializer[-1]
@@ -278,6 +293,9 @@ STRUCTURAL = {
     "dims far larger than data": _huge_dims,
     "negative dim": _negative_dim,
     "float_data count": _float_data_count,
+    "initializer type undefined": _initializer_type(0),
+    "initializer type unknown": _initializer_type(99),
+    "input type undefined": _input_without_type,
     "cycle in subgraph": _cycle_in_subgraph,
     "external data symlink escapes": _external_symlink_escape,
     "external data through symlinked folder": _external_folder_symlink_escape,
@@ -307,6 +325,8 @@ def test_corpus_is_refused_by_every_command(tmp_path, case):
     ("dims far larger than data", ["bytes"]),
     ("negative dim", ["negative"]),
     ("float_data count", ["values"]),
+    ("initializer type undefined", ["no known element type"]),
+    ("initializer type unknown", ["data_type 99"]),
     ("external data symlink escapes", ["outside the model's folder"]),
     ("external data through symlinked folder", ["outside the model's folder"]),
     ("external length too short", ["bytes"]),
