@@ -36,8 +36,17 @@ COMMAND_ARGS = {
     "recalibrate": ["--data", "{calib}", "-o", "{out}"],
     "verify": ["--against", "{model}"],
     "bench": ["--warmup", "0", "--runs", "1"],
+    "inspect": [],
 }
 COMMANDS = [name for name in COMMAND_ARGS if name in main.commands]
+
+
+# commands that read no model file
+NO_MODEL = {"demo", "doctor", "export"}
+
+
+class Hang(BaseException):
+    """A command ran past its time limit (a BaseException, so the CLI's own handler cannot swallow it)."""
 
 
 @contextmanager
@@ -45,7 +54,7 @@ def time_limit(seconds: int):
     """Fail (instead of hanging) when the body runs longer than `seconds`."""
 
     def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
+        raise Hang(f"still running after {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
@@ -91,6 +100,11 @@ def write(folder: Path, model: onnx.ModelProto, name: str = "m.onnx") -> Path:
     path = folder / name
     path.write_bytes(model.SerializeToString())
     return path
+
+
+def test_every_command_reading_a_model_is_covered():
+    assert {"fold-bn", "fuse", "verify", "bench"} <= set(COMMANDS)
+    assert set(main.commands) - NO_MODEL == set(COMMANDS), "add the new command to COMMAND_ARGS"
 
 
 # ------------------------------------------------------------- structural corpus
