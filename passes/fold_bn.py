@@ -209,7 +209,7 @@ def _backward_conv(graph, conv, bn, names) -> None:
     w = _weight(conv, 1, graph.opset, "weight")
     if w is None or w.shape[0] != bn.s.size:
         raise Skip(f"Conv '{conv.name}' weight does not have {bn.s.size} output channels")
-    b = _weight(conv, 2, graph.opset, "bias")
+    b = _channel_bias(conv, graph.opset, bn.s.size)
     s = bn.s
     _replace_weight(conv, 1, names, w, lambda values: bn_math.scale_output_channels(values, s, 0))
     _replace_bias(conv, 2, names, bn_math.output_bias(_load(b), bn.s, bn.t), b, w.dtype)
@@ -220,10 +220,18 @@ def _backward_conv_transpose(graph, conv, bn, names) -> None:
     groups = int_attr(conv, "group", 1)
     if w is None or w.ndim < 2 or w.shape[1] * groups != bn.s.size:
         raise Skip(f"ConvTranspose '{conv.name}' weight does not have {bn.s.size} output channels")
-    b = _weight(conv, 2, graph.opset, "bias")
+    b = _channel_bias(conv, graph.opset, bn.s.size)
     s = bn.s
     _replace_weight(conv, 1, names, w, lambda values: bn_math.scale_conv_transpose_output(values, s, groups))
     _replace_bias(conv, 2, names, bn_math.output_bias(_load(b), bn.s, bn.t), b, w.dtype)
+
+
+def _channel_bias(conv: gs.Node, opset: int, channels: int) -> ConstantRef | None:
+    """The constant bias of a Conv/ConvTranspose, which must hold one value per output channel."""
+    b = _weight(conv, 2, opset, "bias")
+    if b is not None and tuple(b.shape) != (channels,):
+        raise Skip(f"{conv.op} '{conv.name}' bias of shape {list(b.shape)} is not one value per output channel")
+    return b
 
 
 def _backward_gemm(graph, gemm, bn, names) -> None:
