@@ -5,7 +5,7 @@ tensor nobody produces both read "must be topologically sorted"), and never
 compares an initializer's data with its dims. These checks name the node and
 tensor at fault: every tensor a node reads is produced earlier (else: nobody
 produces it, or a cycle, or out of order), every tensor is produced once,
-every graph output is computed, and every tensor's data fits its dims.
+every graph has outputs and each is computed, and every tensor's data fits its dims.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def _check_graph(graph: onnx.GraphProto, outer: tuple[set[str], ...]) -> None:
         for tensor in _attribute_tensors(node):
             check_tensor_data(tensor)
         available.update(filter(None, node.output))
+    if not graph.output:
+        raise StructureError(f"{'subgraph ' + repr(graph.name) if outer else 'the graph'} has no outputs")
     for output in graph.output:
         if output.name not in available and not _visible(output.name, outer):
             raise StructureError(f"graph output '{output.name}'{where} is computed by no node and is not an input")
