@@ -24,6 +24,7 @@ from normfold.errors import NormfoldError
 from normfold.model_checks import StructureError, check_tensor_data
 from normfold.model_io import load_model
 from test_cli_fold_bn import assert_bad_input, run_cli
+from test_cli_fuse import norm_model
 
 SECONDS_PER_COMMAND = 60
 
@@ -65,12 +66,13 @@ def time_limit(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_everywhere(path: Path, folder: Path, must_refuse: bool = True) -> None:
+def run_everywhere(path: Path, folder: Path, must_refuse: bool = True, calib: dict | None = None) -> None:
     """Run every command on `path`, each within the time limit. None may crash;
     each refusal is exit 2 with one error line and writes nothing; input files
     never change. With `must_refuse`, every command must refuse; otherwise exit 1
-    (a failed check, one error line, nothing written) is allowed too."""
-    np.savez(folder / "calib.npz", x=np.ones([1, 8, 6, 6], np.float32))  # for recalibrate
+    (a failed check, one error line, nothing written) is allowed too. `calib`:
+    the inputs recalibrate reads (default: conv_bn_model's)."""
+    np.savez(folder / "calib.npz", **(calib or conv_bn_model()[1]))  # data for recalibrate
     before = file_digests(folder)
     out = folder / "out.onnx"
     for command in COMMANDS:
@@ -422,13 +424,14 @@ def test_tensor_data_size_check_agrees_with_numpy(dtype, shape, extra):
 
 
 # ------------------------------------------------------------- byte-level fuzzing
-SEED_MODEL = conv_bn_model()[0].SerializeToString()
+# models to mutate: Conv+BN (fold-bn, recalibrate) and norm subgraphs (fuse), with inputs for recalibrate
+SEEDS = {"conv-bn": conv_bn_model(), "norms": norm_model()}
 # a quarter of the profile's examples (25 by default; HYPOTHESIS_PROFILE=normfold-stress: 250)
 FUZZ = settings(max_examples=max(2, settings.default.max_examples // 4), deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def _fuzz_case(tmp_path_factory, data: bytes) -> None:
+def _fuzz_case(tmp_path_factory, data: bytes, calib: dict | None = None) -> None:
     """A file load_model refuses is refused by every command; one it accepts (a
     flipped bit in a weight, a changed name) runs or is refused, never crashes."""
     folder = tmp_path_factory.mktemp("fuzz")
@@ -439,22 +442,25 @@ def _fuzz_case(tmp_path_factory, data: bytes) -> None:
     except NormfoldError:
         run_everywhere(path, folder)
     else:
-        run_everywhere(path, folder, must_refuse=False)
+        run_everywhere(path, folder, must_refuse=False, calib=calib)
 
 
 @FUZZ
-@given(st.integers(0, len(SEED_MODEL) - 1))
-def test_truncated_model(tmp_path_factory, cut):
-    _fuzz_case(tmp_path_factory, SEED_MODEL[:cut])
+@given(st.sampled_from(list(SEEDS)), st.data())
+def test_truncated_model(tmp_path_factory, seed, data):
+    model, feeds = SEEDS[seed]
+    serialized = model.SerializeToString()
+    _fuzz_case(tmp_path_factory, serialized[:data.draw(st.integers(0, len(serialized) - 1), "cut")], feeds)
 
 
 @FUZZ
-@given(st.lists(st.integers(0, len(SEED_MODEL) * 8 - 1), min_size=1, max_size=4))
-def test_bit_flipped_model(tmp_path_factory, bits):
-    data = bytearray(SEED_MODEL)
-    for bit in bits:
-        data[bit // 8] ^= 1 << (bit % 8)
-    _fuzz_case(tmp_path_factory, bytes(data))
+@given(st.sampled_from(list(SEEDS)), st.data())
+def test_bit_flipped_model(tmp_path_factory, seed, data):
+    model, feeds = SEEDS[seed]
+    serialized = bytearray(model.SerializeToString())
+    for bit in data.draw(st.lists(st.integers(0, len(serialized) * 8 - 1), min_size=1, max_size=4), "bits"):
+        serialized[bit // 8] ^= 1 << (bit % 8)
+    _fuzz_case(tmp_path_factory, bytes(serialized), feeds)
 
 
 @FUZZ
