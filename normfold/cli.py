@@ -14,7 +14,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .cli_options import json_option, output_options, output_path, portable_option, quiet_option, write_json
+from .cli_options import (json_option, output_options, output_path, portable_option, progress_for, quiet_option,
+                           write_json)
 from .errors import EXIT_BAD_INPUT, NormfoldError
 
 INTERNAL_ERROR = 3
@@ -91,7 +92,8 @@ def fold_bn_command(model, output, inplace, direction, standalone, json_path, qu
     from .commands import fold_bn_file
 
     out = output_path(model, output, inplace, ".folded")
-    summary = fold_bn_file(model, out, inplace=inplace, direction=direction, standalone=standalone)
+    summary = fold_bn_file(model, out, inplace=inplace, direction=direction, standalone=standalone,
+                           progress=progress_for(quiet, json_path))
     _emit(summary, json_path, quiet)
 
 
@@ -138,7 +140,8 @@ def fuse_command(model, output, inplace, ops, target, portable, json_path, quiet
         raise click.BadParameter(f"unknown kind(s) {', '.join(unknown) or '(none given)'}; choose from "
                                  f"{', '.join(OPS)}", param_hint="--ops")
     out = output_path(model, output, inplace, ".fused")
-    summary = fuse_file(model, out, inplace=inplace, ops=kinds, target=target, portable=portable)
+    summary = fuse_file(model, out, inplace=inplace, ops=kinds, target=target, portable=portable,
+                        progress=progress_for(quiet, json_path))
     _emit(summary, json_path, quiet)
 
 
@@ -165,7 +168,8 @@ def fold_wn_command(model, output, inplace, portable, json_path, quiet):
     from .commands import fold_wn_file
 
     out = output_path(model, output, inplace, ".wnfolded")
-    _emit(fold_wn_file(model, out, inplace=inplace, portable=portable), json_path, quiet)
+    summary = fold_wn_file(model, out, inplace=inplace, portable=portable, progress=progress_for(quiet, json_path))
+    _emit(summary, json_path, quiet)
 
 
 def _emit(summary, json_path: Path | None, quiet: bool, render=None) -> None:
@@ -214,8 +218,8 @@ def recalibrate_command(model, data, output, inplace, fold, json_path, quiet):
     from .adabn import print_recalibration, recalibrate_file
 
     out = output_path(model, output, inplace, ".recalibrated")
-    progress = not quiet and (json_path is None or str(json_path) != "-")
-    summary = recalibrate_file(model, out, inplace=inplace, data=data, fold=fold, progress=progress)
+    progress = progress_for(quiet, json_path)
+    summary = recalibrate_file(model, out, inplace=inplace, data=data, fold=fold, progress=progress.enabled)
     _emit(summary, json_path, quiet, print_recalibration)
 
 
@@ -308,7 +312,8 @@ def verify_command(candidate, reference, weights, shapes, inputs_path, seed, sam
     from .verify_report import print_report
 
     report = verify(candidate, reference, weights=weights, inputs=inputs_path, shapes=list(shapes), seed=seed,
-                    samples=samples, atol=atol, rtol=rtol, provider=provider, localize=localize)
+                    samples=samples, atol=atol, rtol=rtol, provider=provider, localize=localize,
+                    progress=progress_for(quiet, json_path))
     _emit_checked(report, print_report, json_path, quiet)
 
 
@@ -398,7 +403,8 @@ def optimize_command(model, output, inplace, pass_names, calibration, target, po
                           rtol=rtol) if check else None
     summary = optimize_file(model, out, inplace=inplace, passes=passes, target=target, portable=portable,
                             calibration=calibration, verify_options=verify_options,
-                            recalibrate_options={"progress": not quiet and str(json_path) != "-"})
+                            recalibrate_options={"progress": progress_for(quiet, json_path).enabled},
+                            progress=progress_for(quiet, json_path))
     _emit(summary, json_path, quiet, _print_optimized)
     if not summary.written:
         raise CheckFailed(f"verification failed: {summary.verification.verdict()}; {out} was not written")

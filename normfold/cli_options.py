@@ -125,3 +125,10 @@ def portable_option(func):
         help="Embed a standard-ONNX function body for each com.normfold op used, so the model also runs "
              "where normfold's library is not loaded (onnxruntime then inlines the bodies).",
     )(func)
+
+
+def progress_for(quiet: bool, json_path: Path | None):
+    """Progress of long steps (`normfold.progress`) for a command's -q and --json values."""
+    from .progress import progress_for as for_command
+
+    return for_command(quiet, to_stdout=json_path is not None and str(json_path) == "-")

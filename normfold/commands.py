@@ -13,6 +13,7 @@ import onnx
 from .graph import count_ops, export_detached, import_graph
 from .model_io import load_model, save_model
 from .portable import embedded
+from .progress import Progress
 from .pipeline import GraphPass
 from .report import PassReport
 from .verify_report import VerifyReport
@@ -58,29 +59,32 @@ class RunSummary:
         }
 
 
-def fold_bn_file(model_path: Path, out: Path, *, inplace: bool, direction: str, standalone: str) -> RunSummary:
+def fold_bn_file(model_path: Path, out: Path, *, inplace: bool, direction: str, standalone: str,
+                 progress: Progress | None = None) -> RunSummary:
     """`normfold fold-bn` on files: fold, write atomically, summarise."""
     from .passes.fold_bn import fold_bn
 
-    return rewrite_file(model_path, out, inplace, [(fold_bn, {"direction": direction, "standalone": standalone})])
+    return rewrite_file(model_path, out, inplace, [(fold_bn, {"direction": direction, "standalone": standalone})],
+                        progress=progress)
 
 
 def fuse_file(model_path: Path, out: Path, *, inplace: bool, ops: tuple[str, ...], target: str,
-              portable: bool = True) -> RunSummary:
+              portable: bool = True, progress: Progress | None = None) -> RunSummary:
     """`normfold fuse` on files: fuse, embed function bodies, write atomically, summarise."""
     from .passes.fuse_norms import fuse_norms
 
     summary = rewrite_file(model_path, out, inplace, [(fuse_norms, {"ops": ops, "target": target})],
-                           portable=portable)
+                           portable=portable, progress=progress)
     summary.watch(FUSE_WATCHED)
     return summary
 
 
-def fold_wn_file(model_path: Path, out: Path, *, inplace: bool, portable: bool = True) -> RunSummary:
+def fold_wn_file(model_path: Path, out: Path, *, inplace: bool, portable: bool = True,
+                 progress: Progress | None = None) -> RunSummary:
     """`normfold fold-wn` on files: weight-side folds, write atomically, summarise."""
     from .passes.fold_weight_norm import fold_weight_norm
 
-    summary = rewrite_file(model_path, out, inplace, [(fold_weight_norm, {})], portable=portable)
+    summary = rewrite_file(model_path, out, inplace, [(fold_weight_norm, {})], portable=portable, progress=progress)
     summary.watch(WEIGHT_WATCHED)
     return summary
 
@@ -98,29 +102,38 @@ FUSE_WATCHED = ("InstanceNormalization", "ReduceMean", "ReduceL2", "Sqrt", "Grou
 def rewrite_file(model_path: Path, out: Path, inplace: bool, passes: list[tuple[GraphPass, dict]], *,
                  portable: bool = False, before_commit: Callable[[Path], bool] | None = None,
                  prepare: Callable[[onnx.ModelProto], tuple[onnx.ModelProto, PassReport]] | None = None,
-                 ) -> RunSummary:
+                 progress: Progress | None = None) -> RunSummary:
     """Load `model_path`, apply `passes` in order, write `out`, summarise. Weights
     no pass changed are never copied in memory.
 
     prepare: a model-level step run before the graph passes (recalibration).
     portable: embed function bodies for the com.normfold ops used (`normfold.portable`).
     before_commit: called with the staged output; False refuses it (nothing written).
+    progress: reports the long steps (loading, each pass, writing).
     """
-    loaded = load_model(model_path)
+    progress = progress or Progress()
+    with progress.step(f"loading {model_path.name}"):
+        loaded = load_model(model_path)
     reports = []
     model = loaded.model
     if prepare is not None:
         model, report = prepare(model)
         reports.append(report)
-    graph = import_graph(model)
-    reports += [graph_pass(graph, **options) for graph_pass, options in passes]
-    result, detached = export_detached(graph, like=model)
-    if portable:
-        reports += embedded(result)
-    written = save_model(
-        result, out, source=loaded.path, protect=loaded.external_files, inplace=inplace,
-        external_data=True if loaded.had_external_data else None, detached=detached, before_commit=before_commit,
-    )
+    with progress.step("reading the graph"):
+        graph = import_graph(model)
+    for graph_pass, options in passes:
+        with progress.step(graph_pass.__name__.replace("_", "-")):
+            reports.append(graph_pass(graph, **options))
+    with progress.step("building the output model"):
+        result, detached = export_detached(graph, like=model)
+        if portable:
+            reports += embedded(result)
+    with progress.step(f"writing {out.name}"):
+        written = save_model(
+            result, out, source=loaded.path, protect=loaded.external_files, inplace=inplace,
+            external_data=True if loaded.had_external_data else None, detached=detached,
+            before_commit=before_commit,
+        )
     return RunSummary(
         input=model_path, output=out,
         ops_before=count_ops(loaded.model.graph), ops_after=count_ops(result.graph),
@@ -130,7 +143,7 @@ def rewrite_file(model_path: Path, out: Path, inplace: bool, passes: list[tuple[
 
 def optimize_file(model_path: Path, out: Path, *, inplace: bool, passes: tuple[str, ...], target: str = "auto",
                   portable: bool = True, calibration=None, recalibrate_options: dict | None = None,
-                  verify_options: dict | None = None) -> RunSummary:
+                  verify_options: dict | None = None, progress: Progress | None = None) -> RunSummary:
     """`normfold optimize` on files: every selected pass, then verification of the
     written bytes against the input model (or, after recalibration, against the
     recalibrated model); a model that fails verification is not written.
@@ -152,7 +165,7 @@ def optimize_file(model_path: Path, out: Path, *, inplace: bool, passes: tuple[s
         return model, report
 
     def verified(staged: Path) -> bool:
-        report = verify(staged, reference[0], **verify_options)
+        report = verify(staged, reference[0], progress=progress, **verify_options)
         report.candidate = str(out)
         verification.append(report)
         return report.passed
@@ -160,7 +173,7 @@ def optimize_file(model_path: Path, out: Path, *, inplace: bool, passes: tuple[s
     summary = rewrite_file(
         model_path, out, inplace, graph_passes(passes, target), portable=portable,
         prepare=recalibrated if "recalibrate" in passes else None,
-        before_commit=verified if verify_options is not None else None,
+        before_commit=verified if verify_options is not None else None, progress=progress,
     )
     summary.watch(("BatchNormalization", "Identity", "ReduceL2") + FUSE_WATCHED)
     summary.verification = verification[0] if verification else None

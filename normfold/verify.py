@@ -16,6 +16,7 @@ from .inputs import (Feeds, InputSpec, check_feeds, generate_inputs, input_specs
                      parse_shape)
 from .localize import localize as localize_mismatch
 from .model_io import load_model
+from .progress import Progress
 from .references import load_reference, run_session
 from .runtime import make_session
 from .verify_report import VerifyReport
@@ -36,6 +37,7 @@ def verify(
     rtol: float | None = None,
     provider: str = "cpu",
     localize: bool = False,
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """Compare `candidate` (an ONNX path or ModelProto) with `reference` on the same inputs.
 
@@ -48,20 +50,23 @@ def verify(
     atol/rtol: None picks the default of each output's dtype (`normfold.compare`).
     provider: "cpu" or "cuda" for the candidate; the reference always runs on CPU.
     localize: also find the first diverging node or module (`normfold.localize`).
+    progress: reports loading and the samples run (`normfold.progress`).
     Bad input raises NormfoldError; a mismatch is reported, not raised.
     """
-    model, candidate_name = _candidate_model(candidate)
-    specs = input_specs(model)
-    # from a path onnxruntime reads the weights itself (no 2 GB protobuf limit, no second copy)
-    session = make_session(model if isinstance(candidate, onnx.ModelProto) else os.fspath(candidate),
-                           provider=provider, optimize=False)
-    feeds_list, source = _resolve_inputs(inputs, specs, shapes, seed, samples)
-    ref = load_reference(reference, weights)
-    ref.bind(specs)
+    progress = progress or Progress()
+    with progress.step("loading the candidate and the reference"):
+        model, candidate_name = _candidate_model(candidate)
+        specs = input_specs(model)
+        # from a path onnxruntime reads the weights itself (no 2 GB protobuf limit, no second copy)
+        session = make_session(model if isinstance(candidate, onnx.ModelProto) else os.fspath(candidate),
+                               provider=provider, optimize=False)
+        feeds_list, source = _resolve_inputs(inputs, specs, shapes, seed, samples)
+        ref = load_reference(reference, weights)
+        ref.bind(specs)
     output_names = [o.name for o in session.get_outputs()]
     comparisons: list[OutputComparison] | None = None
     matched_by = "name"
-    for feeds in feeds_list:
+    for feeds in progress.each(feeds_list, "verifying", total=len(feeds_list)):
         cand_values = run_session(session, feeds, what=f"the candidate {candidate_name}")
         ref_values = ref.run(feeds)
         ref_names = ref.output_names or [f"output {i}" for i in range(len(ref_values))]

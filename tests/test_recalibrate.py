@@ -459,7 +459,8 @@ def test_json_to_stdout_has_no_progress_bar(chain_files):
     assert Path(report["output"]).is_file()
 
 
-def test_progress_on_stderr_summary_on_stdout_quiet_silent(chain_files):
+def test_progress_on_stderr_summary_on_stdout_quiet_silent(chain_files, monkeypatch):
+    monkeypatch.setenv("NORMFOLD_PROGRESS", "1")  # progress shows on terminals; stderr is not one here
     model_path, data = chain_files
     code, out, err = run_cli("recalibrate", model_path, "--data", data, "-o", model_path.with_name("o.onnx"))
     assert code == 0
