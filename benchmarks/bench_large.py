@@ -8,6 +8,8 @@ that is missing) for wall time and peak RSS:
 
     normfold fold-bn MODEL -o FOLDED
     normfold fuse MODEL -o OUT               (nothing to fuse here: the load/export/save path)
+    normfold fold-wn MODEL -o OUT            (likewise)
+    normfold optimize MODEL -o OUT           (every pass, then verification against MODEL)
     normfold verify FOLDED --against MODEL
     onnxsim / onnxoptimizer / onnxslim       (as benchmarks/bench_fold_bn.py calls them)
 
@@ -164,6 +166,8 @@ class Command:
 
 FOLD = Command("normfold fold-bn", ("fold-bn", "{src}", "-o", "{dst}", "-q"))
 FUSE = Command("normfold fuse", ("fuse", "{src}", "-o", "{dst}", "-q"))
+FOLD_WN = Command("normfold fold-wn", ("fold-wn", "{src}", "-o", "{dst}", "-q"))
+OPTIMIZE = Command("normfold optimize", ("optimize", "{src}", "-o", "{dst}", "-q"))  # every pass, then verify
 VERIFY = Command("normfold verify", ("verify", "{dst}", "--against", "{src}"))  # dst: fold-bn's output
 PHASES = Command("normfold fold-bn, phases", ("_phases", "{src}", "{dst}"), via_script=True)
 
@@ -232,7 +236,8 @@ def run_all(model_path: Path, out: Path, names: list[str], timeout_s: float, pha
     feed = np.random.default_rng(1).standard_normal(_input_shape(model_path), dtype=np.float32)
     original = ort_run(model_path, feed).astype(np.float64)
     folded = out / "normfold-fold-bn.onnx"
-    plan = [(FOLD, model_path, folded), (VERIFY, model_path, folded), (FUSE, model_path, out / "normfold-fuse.onnx")]
+    plan = [(FOLD, model_path, folded), (VERIFY, model_path, folded), (FUSE, model_path, out / "normfold-fuse.onnx"),
+            (FOLD_WN, model_path, out / "normfold-fold-wn.onnx"), (OPTIMIZE, model_path, out / "normfold-optimize.onnx")]
     plan += [(PHASES, model_path, out / "phases.onnx")] if phases else []
     plan += [(TOOLS[n], model_path, out / f"{n}.onnx") for n in names if n in ANCHORS]
     rows = []
