@@ -26,6 +26,18 @@ _TENSOR_TEXT_FIELDS = [T.DESCRIPTOR.fields_by_name[name] for name in ("name", "d
                                                                         "metadata_props")]
 
 
+def printable(text: str, limit: int = 80) -> str:
+    """`text` fit for a one-line message: control characters escaped, cut to
+    `limit` characters (names in a corrupt file can hold anything)."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
+
+
+def quote(text: str) -> str:
+    """`printable(text)` in single quotes."""
+    return f"'{printable(text)}'"
+
+
 class StructureError(ValueError):
     """What is structurally wrong with a model, as a phrase (no path)."""
 
@@ -40,7 +52,7 @@ def check_structure(model: onnx.ModelProto) -> None:
 
 def _check_graph(graph: onnx.GraphProto, outer: tuple[set[str], ...]) -> None:
     """`outer`: the names visible from enclosing graphs (one set per level, not copied)."""
-    where = f" in subgraph '{graph.name}'" if outer else ""
+    where = f" in subgraph {quote(graph.name)}" if outer else ""
     for tensor in graph.initializer if outer else ():
         check_tensor_data(tensor)
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
@@ -51,7 +63,7 @@ def _check_graph(graph: onnx.GraphProto, outer: tuple[set[str], ...]) -> None:
         for name in filter(None, node.output):
             if name in defined or name in producers:
                 first = "a graph input or initializer" if name in defined else _describe(nodes[producers[name]])
-                raise StructureError(f"tensor '{name}' is produced more than once{where} (by {first} and by "
+                raise StructureError(f"tensor {quote(name)} is produced more than once{where} (by {first} and by "
                                      f"{_describe(node)})")
             producers[name] = i
     available = set(defined)
@@ -68,7 +80,8 @@ def _check_graph(graph: onnx.GraphProto, outer: tuple[set[str], ...]) -> None:
         raise StructureError(f"{'subgraph ' + repr(graph.name) if outer else 'the graph'} has no outputs")
     for output in graph.output:
         if output.name not in available and not _visible(output.name, outer):
-            raise StructureError(f"graph output '{output.name}'{where} is computed by no node and is not an input")
+            raise StructureError(f"graph output {quote(output.name)}{where} is computed by no node and is not "
+                                 "an input")
 
 
 def _visible(name: str, scopes: tuple[set[str], ...]) -> bool:
@@ -79,13 +92,13 @@ def _unavailable(graph: onnx.GraphProto, nodes: list, node: onnx.NodeProto, name
                  where: str) -> str:
     """Why `name`, read by `node`, is not available there."""
     if name not in producers:
-        return (f"{_describe(node)}{where} reads '{name}', which no node produces and which is not a graph "
+        return (f"{_describe(node)}{where} reads {quote(name)}, which no node produces and which is not a graph "
                 "input or initializer")
     cycle = _find_cycle(nodes, producers)
-    scope = f"subgraph '{graph.name}'" if where else "the graph"
+    scope = f"subgraph {quote(graph.name)}" if where else "the graph"
     if cycle:
         return f"{scope} has a cycle: " + " -> ".join(_describe(n) for n in cycle)
-    return (f"the nodes of {scope} are not in topological order: {_describe(node)} reads '{name}' before "
+    return (f"the nodes of {scope} are not in topological order: {_describe(node)} reads {quote(name)} before "
             f"{_describe(nodes[producers[name]])} produces it")
 
 
@@ -121,9 +134,10 @@ def _preds(node: onnx.NodeProto, producers: dict[str, int]) -> Iterator[int]:
 
 
 def _describe(node: onnx.NodeProto) -> str:
+    op = printable(node.op_type)
     if node.name:
-        return f"node '{node.name}' ({node.op_type})"
-    return f"unnamed {node.op_type} node" + (f" writing '{node.output[0]}'" if node.output else "")
+        return f"node {quote(node.name)} ({op})"
+    return f"unnamed {op} node" + (f" writing {quote(node.output[0])}" if node.output else "")
 
 
 def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -169,9 +183,9 @@ def check_tensor_data(tensor: onnx.TensorProto, raw_size: int | None = None) -> 
     data when the caller knows it (external data, a parsed record); otherwise
     raw data is measured, and external tensors are not checked."""
     if any(d < 0 for d in tensor.dims):
-        raise StructureError(f"tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
+        raise StructureError(f"tensor {quote(tensor.name)} has a negative dimension {list(tensor.dims)}")
     if tensor.data_type not in _KNOWN_TYPES:
-        raise StructureError(f"tensor '{tensor.name}' has no known element type (data_type {tensor.data_type})")
+        raise StructureError(f"tensor {quote(tensor.name)} has no known element type (data_type {tensor.data_type})")
     if tensor.data_type in _UNCHECKED:
         return
     if raw_size is None:
@@ -183,7 +197,7 @@ def check_tensor_data(tensor: onnx.TensorProto, raw_size: int | None = None) -> 
     if raw_size is not None:
         want = _storage_bytes(tensor.data_type, count)
         if want is not None and raw_size != want:
-            raise StructureError(f"tensor '{tensor.name}' has {raw_size} bytes of data, but its dims "
+            raise StructureError(f"tensor {quote(tensor.name)} has {raw_size} bytes of data, but its dims "
                                  f"{list(tensor.dims)} and type {T.DataType.Name(tensor.data_type)} need {want} bytes")
         return
     stored = max(len(getattr(tensor, field)) for field in _TYPED_FIELDS)
@@ -192,7 +206,7 @@ def check_tensor_data(tensor: onnx.TensorProto, raw_size: int | None = None) -> 
     else:
         want = count * (2 if tensor.data_type in (T.COMPLEX64, T.COMPLEX128) else 1)
     if stored != want:
-        raise StructureError(f"tensor '{tensor.name}' holds {stored} values, but its dims {list(tensor.dims)} "
+        raise StructureError(f"tensor {quote(tensor.name)} holds {stored} values, but its dims {list(tensor.dims)} "
                              f"need {want}")
 
 

@@ -24,7 +24,7 @@ import onnx.shape_inference
 from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
 
 from .errors import NormfoldError
-from .model_checks import StructureError, check_structure, check_tensor_data, check_text
+from .model_checks import StructureError, check_structure, check_tensor_data, check_text, printable, quote
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Tensors at least this big go to the external-data file when saving externally.
@@ -211,19 +211,19 @@ def _check_external_files(tensors: list[onnx.TensorProto], path: Path) -> dict[P
         try:
             info = ExternalDataInfo(tensor)
         except ValueError as exc:  # offset/length not a non-negative integer
-            raise NormfoldError(f"{path}: tensor '{tensor.name}' has a bad external-data reference ({exc}); "
+            raise NormfoldError(f"{path}: tensor {quote(tensor.name)} has a bad external-data reference ({printable(str(exc), 200)}); "
                                 "re-export the model") from exc
         location = info.location
         if not location or os.path.isabs(location) or Path(location).drive:
             raise NormfoldError(
-                f"{path}: tensor '{tensor.name}' points at external data '{location}' outside "
+                f"{path}: tensor {quote(tensor.name)} points at external data {quote(location)} outside "
                 "the model's folder (absolute path); refusing to read it. Keep external data "
                 "files next to the model and reference them by relative name"
             )
         target = (base / location).resolve()
         if base != target and base not in target.parents:
             raise NormfoldError(
-                f"{path}: tensor '{tensor.name}' points at external data '{location}', which "
+                f"{path}: tensor {quote(tensor.name)} points at external data {quote(location)}, which "
                 "resolves outside the model's folder; refusing to read it. Keep external data "
                 "files next to the model and reference them by relative name"
             )
@@ -231,15 +231,15 @@ def _check_external_files(tensors: list[onnx.TensorProto], path: Path) -> dict[P
             if not target.is_file():
                 problem = "not a regular file" if target.exists() else "missing"
                 raise NormfoldError(
-                    f"{path}: external data file '{location}' (for tensor '{tensor.name}') is "
+                    f"{path}: external data file {quote(location)} (for tensor {quote(tensor.name)}) is "
                     f"{problem}; copy it next to the model into {base}"
                 )
             sizes[target] = target.stat().st_size
         end = (info.offset or 0) + (info.length or 0)
         if info.length is not None and end > sizes[target]:
             raise NormfoldError(
-                f"{path}: external data file '{location}' is truncated ({sizes[target]} bytes, "
-                f"tensor '{tensor.name}' needs bytes up to {end}); copy the complete file again"
+                f"{path}: external data file {quote(location)} is truncated ({sizes[target]} bytes, "
+                f"tensor {quote(tensor.name)} needs bytes up to {end}); copy the complete file again"
             )
         available = sizes[target] - (info.offset or 0)
         check_tensor_data(tensor, raw_size=info.length if info.length is not None else max(0, available))
@@ -257,7 +257,7 @@ def _check_valid(model: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.checker.check_model(skeleton(model), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = printable(str(exc).strip().splitlines()[0], 300) if str(exc).strip() else type(exc).__name__
         raise NormfoldError(
             f"{path}: not a valid ONNX model ({first}); the file may be truncated or "
             "hand-edited: re-export it"

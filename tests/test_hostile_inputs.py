@@ -116,6 +116,14 @@ def _dangling_input(d):
     return write(d, m)
 
 
+def _control_characters_in_names(d):
+    """A dangling input whose name holds a newline, and a long node name (found by the fuzz)."""
+    m = conv_bn_model()[0]
+    m.graph.node[1].input[0] = "two\nlines\x1b[31m"
+    m.graph.node[1].name = "n" * 500
+    return write(d, m)
+
+
 def _dangling_graph_output(d):
     m = conv_bn_model()[0]
     m.graph.output[0].name = "never_computed"
@@ -303,6 +311,7 @@ def _unchecked(g: G) -> onnx.ModelProto:
 
 STRUCTURAL = {
     "dangling input": _dangling_input,
+    "control characters in names": _control_characters_in_names,
     "dangling graph output": _dangling_graph_output,
     "no graph outputs": _no_outputs,
     "cycle": _cycle,
@@ -338,6 +347,7 @@ def test_corpus_is_refused_by_every_command(tmp_path, case):
 @pytest.mark.parametrize("case, words", [
     ("dangling input", ["produced_by_nobody", "no node produces"]),
     ("dangling graph output", ["never_computed"]),
+    ("control characters in names", ["'two\\nlines\\x1b[31m'", "'" + "n" * 80 + "...'"]),
     ("no graph outputs", ["has no outputs"]),
     ("cycle", ["cycle"]),
     ("self loop", ["cycle"]),
