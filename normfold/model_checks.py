@@ -26,14 +26,17 @@ _TENSOR_TEXT_FIELDS = [T.DESCRIPTOR.fields_by_name[name] for name in ("name", "d
                                                                         "metadata_props")]
 
 
-def printable(text: str, limit: int = 80) -> str:
+def printable(text: str | bytes, limit: int = 80) -> str:
     """`text` fit for a one-line message: control characters escaped, cut to
-    `limit` characters (names in a corrupt file can hold anything)."""
+    `limit` characters (names in a corrupt file can hold anything; protobuf
+    hands out a string field that is not UTF-8 as bytes)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
     shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
     return shown + ("..." if len(text) > limit else "")
 
 
-def quote(text: str) -> str:
+def quote(text: str | bytes) -> str:
     """`printable(text)` in single quotes."""
     return f"'{printable(text)}'"
 

@@ -124,6 +124,18 @@ def _control_characters_in_names(d):
     return write(d, m)
 
 
+def _bad_tensor_with_non_utf8_name(d):
+    """Raw data too short on a tensor whose name is not UTF-8 (the size check runs while parsing, first)."""
+    m = conv_bn_model()[0]
+    weight = max(m.graph.initializer, key=lambda t: len(t.raw_data))
+    weight.raw_data = weight.raw_data[:-4]
+    weight.name = "w\u00e9ight"
+    data = m.SerializeToString().replace("w\u00e9ight".encode(), b"w\xe9!ight")  # same length, not UTF-8
+    path = d / "m.onnx"
+    path.write_bytes(data)
+    return path
+
+
 def _dangling_graph_output(d):
     m = conv_bn_model()[0]
     m.graph.output[0].name = "never_computed"
@@ -313,6 +325,7 @@ STRUCTURAL = {
     "dangling input": _dangling_input,
     "control characters in names": _control_characters_in_names,
     "dangling graph output": _dangling_graph_output,
+    "bad tensor with a non-UTF-8 name": _bad_tensor_with_non_utf8_name,
     "no graph outputs": _no_outputs,
     "cycle": _cycle,
     "self loop": _self_loop,
@@ -347,6 +360,7 @@ def test_corpus_is_refused_by_every_command(tmp_path, case):
 @pytest.mark.parametrize("case, words", [
     ("dangling input", ["produced_by_nobody", "no node produces"]),
     ("dangling graph output", ["never_computed"]),
+    ("bad tensor with a non-UTF-8 name", ["'w\\xe9!ight'", "bytes of data"]),
     ("control characters in names", ["'two\\nlines\\x1b[31m'", "'" + "n" * 80 + "...'"]),
     ("no graph outputs", ["has no outputs"]),
     ("cycle", ["cycle"]),
