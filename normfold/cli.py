@@ -28,7 +28,7 @@ class NormfoldGroup(click.Group):
         try:
             return super().invoke(ctx)
         except NormfoldError as exc:
-            click.echo(f"normfold: error: {exc}", err=True)
+            click.echo(f"normfold: error: {' '.join(str(exc).split())}", err=True)  # always one line
             ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise

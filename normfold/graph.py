@@ -9,6 +9,7 @@ its own value_info) and gains no inferred shape annotations.
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .model_io import LARGE_TENSOR_ELEMENTS, DetachedTensor, copy_model_fields, skeleton
-from .passes.graph_helpers import DeferredValues, names_kept
+from .passes.graph_helpers import DeferredValues, names_kept, walk_graphs
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -84,8 +85,9 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     graph.toposort(recurse_subgraphs=True)
     # graphsurgeon renames the TensorProtos it was imported from (the caller's
     # model) to the tensor names it exports: put their names back afterwards.
-    with names_kept(_lazy_protos(graph)):
+    with names_kept(_lazy_protos(graph)), _empty_lists_set_aside(graph) as restore:
         exported = gs.export_onnx(graph, do_type_check=False)
+        restore(exported.graph)
     _restrict_value_info(exported.graph, {vi.name for vi in like.graph.value_info})
 
     opsets = _merged_opsets(like, exported)
@@ -95,6 +97,42 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     copy_model_fields(like, exported, skip=("graph", "opset_import", "functions"))
     exported.opset_import.extend(opsets)
     return exported
+
+
+@contextmanager
+def _empty_lists_set_aside(graph: gs.Graph):
+    """graphsurgeon cannot export an empty list attribute (e.g. ReduceMean axes=[]):
+    take them off the nodes for the export, then give the exported nodes typed
+    empty attributes (`restore(exported_graph)`) and the nodes their lists back."""
+    aside: dict[int, list[tuple[str, int]]] = {}
+    nodes = [n for g, _ in walk_graphs(graph) for n in g.nodes]
+    for node in nodes:
+        for key in [k for k, v in node.attrs.items() if isinstance(v, (list, tuple)) and not len(v)]:
+            aside.setdefault(id(node), []).append((key, _list_attribute_type(node, key, graph.opset)))
+            del node.attrs[key]
+
+    def restore(exported: onnx.GraphProto, g: gs.Graph = graph) -> None:
+        for node, proto in zip(g.nodes, exported.node):
+            for key, kind in aside.get(id(node), ()):
+                proto.attribute.append(onnx.AttributeProto(name=key, type=kind))
+            for key, value in node.attrs.items():
+                if isinstance(value, gs.Graph):
+                    restore(next(a.g for a in proto.attribute if a.name == key), value)
+
+    try:
+        yield restore
+    finally:
+        for node in nodes:
+            for key, _ in aside.get(id(node), ()):
+                node.attrs[key] = []
+
+
+def _list_attribute_type(node: gs.Node, key: str, opset: int) -> int:
+    """The AttributeProto type of list attribute `key` of `node` (its schema's, else INTS)."""
+    try:
+        return int(onnx.defs.get_schema(node.op, opset, node.domain or "").attributes[key].type)
+    except (onnx.defs.SchemaError, KeyError):
+        return onnx.AttributeProto.INTS
 
 
 def _lazy_protos(graph: gs.Graph):

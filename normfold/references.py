@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from .errors import NormfoldError
 from .inputs import Feeds, InputSpec, input_specs
@@ -82,8 +83,10 @@ def run_session(session, feeds: Feeds, output_names: list[str] | None = None, wh
                 ) -> list[np.ndarray]:
     """`session.run`, with onnxruntime's failures turned into a one-line NormfoldError
     naming `what` ran (e.g. "the reference ONNX model")."""
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # the failure is reported below, in one line
     try:
-        return session.run(output_names, feeds)
+        return session.run(output_names, feeds, quiet)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise NormfoldError(f"onnxruntime failed to run {what}: {_first_line(exc)}") from exc
 

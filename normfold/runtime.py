@@ -43,7 +43,7 @@ def make_session(
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures reach the user as one NormfoldError line, not as ORT's log
     if threads:
         options.intra_op_num_threads = threads
     register_ops(options, provider)
@@ -51,7 +51,7 @@ def make_session(
     providers = [name] if provider == "cpu" else [name, PROVIDERS["cpu"]]
     try:
         session = ort.InferenceSession(source, options, providers=providers)
-    except RuntimeError as exc:  # onnxruntime's Fail, InvalidGraph, NotImplemented, ...
+    except Exception as exc:  # onnxruntime's Fail, InvalidGraph, ... (some derive from Exception alone)
         first = str(exc).strip().splitlines()[0]
         raise NormfoldError(f"onnxruntime cannot load the model: {first}") from exc
     if name not in session.get_providers():

@@ -492,3 +492,42 @@ def test_bit_flipped_model(tmp_path_factory, seed, data):
 def test_random_bytes(tmp_path_factory, data):
     _fuzz_case(tmp_path_factory, data)
 
+
+
+def _onnxruntime_refuses(d):
+    """Loads and passes the checks, but onnxruntime has no kernel for its op."""
+    node = helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    return write(d, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                             helper.make_opsetid("com.example", 1)], ir_version=8))
+
+
+def test_model_onnxruntime_refuses_is_one_line_in_a_real_process(tmp_path):
+    """onnxruntime's own log lines must not reach stderr (a subprocess, unlike
+    CliRunner, sees what the C++ side writes)."""
+    import subprocess
+    import sys
+
+    path = _onnxruntime_refuses(tmp_path)
+    for args in (["verify", str(path), "--against", str(path)], ["bench", str(path), "--runs", "1"]):
+        done = subprocess.run([sys.executable, "-m", "normfold.cli", *args], capture_output=True, text=True,
+                              timeout=120)
+        assert_bad_input(done.returncode, done.stdout, done.stderr)
+        assert "onnxruntime cannot load the model" in done.stderr
+
+
+def test_empty_list_attribute_survives_every_rewrite(tmp_path):
+    """ReduceMean with axes=[] (valid at opset 17: reduce over all axes) once crashed the export."""
+    reduce = helper.make_node("ReduceMean", ["x"], ["m"])
+    reduce.attribute.append(onnx.AttributeProto(name="axes", type=onnx.AttributeProto.INTS))
+    graph = helper.make_graph([reduce, helper.make_node("Identity", ["m"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])])
+    path = write(tmp_path, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    for command in ("fold-bn", "fuse", "fold-wn", "optimize"):
+        out = tmp_path / f"{command}.onnx"
+        code, _, err = run_cli(command, path, "-o", out, "-q")
+        assert code == 0, (command, err)
+        [node] = [n for n in onnx.load(out).graph.node if n.op_type == "ReduceMean"]
+        assert [(a.name, a.type, list(a.ints)) for a in node.attribute] == [("axes", onnx.AttributeProto.INTS, [])]
