@@ -22,7 +22,7 @@ from .inputs import Feeds, InputSpec, check_feeds, input_specs
 from .model_io import load_model
 from .references import run_session
 from .runtime import make_session
-from .verify import Inputs, _resolve_inputs
+from .inputs import Inputs, resolve_inputs
 
 Model = onnx.ModelProto | str | os.PathLike
 clock = time.perf_counter  # seconds; tests replace it with a fake clock
@@ -75,7 +75,7 @@ def measure(
     take the same inputs. Bad input raises NormfoldError.
     """
     prepared, specs = _prepare(models)
-    samples, _ = _resolve_inputs(feeds, specs, shapes, 0, 1)
+    samples, _ = resolve_inputs(feeds, specs, shapes, 0, 1)
     return _measure(prepared, specs, samples, provider, threads, warmup, runs, optimize)
 
 
@@ -195,7 +195,7 @@ def bench(
     """`normfold bench`: time `model` (and `against`, interleaved) on the same
     inputs; generated ones use `seed` and `samples` as `normfold verify` does."""
     prepared, specs = _prepare([model] if against is None else [model, against])
-    data, source = _resolve_inputs(feeds, specs, shapes, seed, samples)
+    data, source = resolve_inputs(feeds, specs, shapes, seed, samples)
     stats = _measure(prepared, specs, data, provider, threads, warmup, runs, optimize)
     return BenchReport(provider=provider, threads=threads, optimize=optimize, warmup=warmup, inputs=source,
                        models=stats)

@@ -203,3 +203,27 @@ def _feed_problems(feeds: Feeds, specs: list[InputSpec]) -> list[str]:
         if not fixed_ok:
             problems.append(f"'{name}' has shape {list(array.shape)}, the model wants {spec.describe()}")
     return problems
+
+
+Inputs = Feeds | list[Feeds] | str | os.PathLike | None
+
+
+def resolve_inputs(inputs: Inputs, specs: list[InputSpec], shapes, seed: int, samples: int
+                   ) -> tuple[list[Feeds], str]:
+    """The samples to run, and a phrase saying where they came from: `inputs` (an
+    .npz path, a {name: array} dict or a list of them) checked against `specs`, or,
+    when None, generated from `specs` with `seed` (dynamic sizes from `shapes`)."""
+    if inputs is None:
+        if isinstance(shapes, (list, tuple)):
+            parsed = parse_named_shapes(shapes, [s.name for s in specs])
+        else:
+            parsed = {k: parse_shape(v) if isinstance(v, str) else tuple(v) for k, v in (shapes or {}).items()}
+        return generate_inputs(specs, parsed, seed=seed, samples=samples), f"generated inputs, seed {seed}"
+    if shapes:
+        raise NormfoldError("give either input data or shapes to generate inputs with, not both")
+    if isinstance(inputs, (str, os.PathLike)):
+        return [load_npz(inputs, specs)], f"inputs from {Path(inputs).name}"
+    given = [inputs] if isinstance(inputs, dict) else list(inputs)
+    for i, feeds in enumerate(given):
+        check_feeds({k: np.asarray(v) for k, v in feeds.items()}, specs, f"inputs sample {i}")
+    return [{k: np.asarray(v) for k, v in feeds.items()} for feeds in given], "given inputs"

@@ -4,16 +4,12 @@ compare every output (the Python API behind `normfold verify`)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from .compare import OutputComparison, compare_arrays, match_outputs
-from .errors import NormfoldError
-from .inputs import (Feeds, InputSpec, check_feeds, generate_inputs, input_specs, load_npz, parse_named_shapes,
-                     parse_shape)
+from .inputs import Inputs, input_specs, resolve_inputs
 from .localize import localize as localize_mismatch
 from .model_io import load_model
 from .progress import Progress
@@ -21,7 +17,6 @@ from .references import load_reference, run_session
 from .runtime import make_session
 from .verify_report import VerifyReport
 
-Inputs = Feeds | list[Feeds] | str | os.PathLike | None
 
 
 def verify(
@@ -60,7 +55,7 @@ def verify(
         # from a path onnxruntime reads the weights itself (no 2 GB protobuf limit, no second copy)
         session = make_session(model if isinstance(candidate, onnx.ModelProto) else os.fspath(candidate),
                                provider=provider, optimize=False)
-        feeds_list, source = _resolve_inputs(inputs, specs, shapes, seed, samples)
+        feeds_list, source = resolve_inputs(inputs, specs, shapes, seed, samples)
         ref = load_reference(reference, weights)
         ref.bind(specs)
     output_names = [o.name for o in session.get_outputs()]
@@ -91,22 +86,3 @@ def _candidate_model(candidate) -> tuple[onnx.ModelProto, str]:
     if isinstance(candidate, onnx.ModelProto):
         return candidate, f"ModelProto '{candidate.graph.name}'" if candidate.graph.name else "ModelProto"
     return load_model(candidate).model, str(candidate)
-
-
-def _resolve_inputs(inputs: Inputs, specs: list[InputSpec], shapes, seed: int, samples: int
-                    ) -> tuple[list[Feeds], str]:
-    """The samples to run, and a phrase saying where they came from."""
-    if inputs is None:
-        if isinstance(shapes, (list, tuple)):
-            parsed = parse_named_shapes(shapes, [s.name for s in specs])
-        else:
-            parsed = {k: parse_shape(v) if isinstance(v, str) else tuple(v) for k, v in (shapes or {}).items()}
-        return generate_inputs(specs, parsed, seed=seed, samples=samples), f"generated inputs, seed {seed}"
-    if shapes:
-        raise NormfoldError("give either input data or shapes to generate inputs with, not both")
-    if isinstance(inputs, (str, os.PathLike)):
-        return [load_npz(inputs, specs)], f"inputs from {Path(inputs).name}"
-    given = [inputs] if isinstance(inputs, dict) else list(inputs)
-    for i, feeds in enumerate(given):
-        check_feeds({k: np.asarray(v) for k, v in feeds.items()}, specs, f"inputs sample {i}")
-    return [{k: np.asarray(v) for k, v in feeds.items()} for feeds in given], "given inputs"
