@@ -62,6 +62,7 @@ def main():
       normfold demo                      # see it work on built-in models
       normfold fold-bn model.onnx -o model.folded.onnx
       normfold fuse model.onnx -o model.fused.onnx
+      normfold optimize model.onnx -o model.opt.onnx   # every pass, verified
       normfold verify model.folded.onnx --against model.onnx
     """
 
