@@ -57,8 +57,10 @@ class LoadedModel:
     external_files: tuple[Path, ...] = ()
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Read an ONNX model (and its external data) or raise a one-line NormfoldError."""
+def load_model(path: str | os.PathLike, weights: bool = True) -> LoadedModel:
+    """Read an ONNX model (and its external data) or raise a one-line NormfoldError.
+    `weights=False` checks the external data but leaves it on disk (the tensors keep
+    their external references): for callers that hand onnxruntime the path."""
     path = Path(path)
     if not path.exists():
         raise NormfoldError(f"{path}: no such file; check the path to the .onnx model")
@@ -86,7 +88,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         _check_versions(model, path)
         external = _external_tensors(model)
         files = _check_external_files(external, path)
-        if external:
+        if external and weights:
             onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
         check_structure(model)
     except StructureError as exc:
@@ -266,8 +268,9 @@ def _check_valid(model: onnx.ModelProto, path: Path) -> None:
 
 def skeleton(model: onnx.ModelProto, max_elements: int = LARGE_TENSOR_ELEMENTS) -> onnx.ModelProto:
     """A copy of `model` without its large weights, for the checker and shape
-    inference: each main-graph initializer over `max_elements` elements becomes a
-    graph input of the same type and shape. Cheap even for multi-GB models."""
+    inference: each main-graph initializer over `max_elements` elements (or with its
+    data still on disk) becomes a graph input of the same type and shape. Cheap even
+    for multi-GB models."""
     skel = onnx.ModelProto()
     graph = model.graph
     copy_model_fields(model, skel, skip=("graph",))
@@ -285,7 +288,7 @@ def skeleton(model: onnx.ModelProto, max_elements: int = LARGE_TENSOR_ELEMENTS) 
         count = 1
         for d in init.dims:
             count *= d
-        if count <= max_elements:
+        if count <= max_elements and init.data_location != onnx.TensorProto.EXTERNAL:
             sg.initializer.append(init)
         elif init.name not in declared:
             sg.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))

@@ -177,10 +177,13 @@ def flatten_outputs(result: Any) -> list[np.ndarray]:
     return [np.asarray(result)]
 
 
-def load_reference(reference: Any, weights: str | os.PathLike | None = None) -> Reference:
+def load_reference(reference: Any, weights: str | os.PathLike | None = None, onnx_weights: bool = True
+                   ) -> Reference:
     """A `Reference` from a path, `package.module:callable` text, `nn.Module`,
     `ModelProto` or an existing `Reference`. `weights` (a state_dict file) only
-    goes with `package.module:callable` or an `nn.Module`."""
+    goes with `package.module:callable` or an `nn.Module`. `onnx_weights=False`
+    leaves an .onnx reference's external data to onnxruntime (its `model` then
+    has no weights in memory)."""
     if isinstance(reference, Reference):
         return reference
     if isinstance(reference, onnx.ModelProto):
@@ -193,7 +196,7 @@ def load_reference(reference: Any, weights: str | os.PathLike | None = None) -> 
     text = os.fspath(reference)
     path = Path(text)
     if path.is_file():
-        return _load_file(path, weights)
+        return _load_file(path, weights, onnx_weights)
     if CALLABLE_SPEC.match(text):
         module = build_module(text)
         if weights is not None:
@@ -217,11 +220,11 @@ def _no_weights(weights, what: str) -> None:
         raise NormfoldError(f"--weights goes with a package.module:callable reference, not with {what}")
 
 
-def _load_file(path: Path, weights) -> Reference:
+def _load_file(path: Path, weights, onnx_weights: bool = True) -> Reference:
     kind = file_kind(path)
     if kind == "onnx":
         _no_weights(weights, "an ONNX model")
-        return OnnxReference(load_model(path).model, str(path), path)
+        return OnnxReference(load_model(path, weights=onnx_weights).model, str(path), path)
     if kind == "torchscript":
         _no_weights(weights, "a TorchScript file (it carries its weights)")
         torch = import_torch()

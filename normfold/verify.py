@@ -49,20 +49,25 @@ def verify(
     Bad input raises NormfoldError; a mismatch is reported, not raised.
     """
     progress = progress or Progress()
-    with progress.step("loading the candidate and the reference"):
-        model, candidate_name = _candidate_model(candidate)
+    # one model in memory at a time: the candidate runs on every sample, then the reference
+    with progress.step("loading the candidate"):
+        model, candidate_name = _candidate_model(candidate, weights=localize)
         specs = input_specs(model)
         # from a path onnxruntime reads the weights itself (no 2 GB protobuf limit, no second copy)
         session = make_session(model if isinstance(candidate, onnx.ModelProto) else os.fspath(candidate),
                                provider=provider, optimize=False)
         feeds_list, source = resolve_inputs(inputs, specs, shapes, seed, samples)
-        ref = load_reference(reference, weights)
-        ref.bind(specs)
     output_names = [o.name for o in session.get_outputs()]
+    candidate_runs = [run_session(session, feeds, what=f"the candidate {candidate_name}")
+                      for feeds in progress.each(feeds_list, "running the candidate", total=len(feeds_list))]
+    del session
+    with progress.step("loading the reference"):
+        ref = load_reference(reference, weights, onnx_weights=localize)
+        ref.bind(specs)
     comparisons: list[OutputComparison] | None = None
     matched_by = "name"
-    for feeds in progress.each(feeds_list, "verifying", total=len(feeds_list)):
-        cand_values = run_session(session, feeds, what=f"the candidate {candidate_name}")
+    for feeds, cand_values in zip(progress.each(feeds_list, "running the reference", total=len(feeds_list)),
+                                  candidate_runs):
         ref_values = ref.run(feeds)
         ref_names = ref.output_names or [f"output {i}" for i in range(len(ref_values))]
         pairs, matched_by = match_outputs(output_names, ref_names)
@@ -82,7 +87,8 @@ def verify(
     return report
 
 
-def _candidate_model(candidate) -> tuple[onnx.ModelProto, str]:
+def _candidate_model(candidate, weights: bool) -> tuple[onnx.ModelProto, str]:
+    """The candidate model (from a path: its weights only if `weights`) and its name."""
     if isinstance(candidate, onnx.ModelProto):
         return candidate, f"ModelProto '{candidate.graph.name}'" if candidate.graph.name else "ModelProto"
-    return load_model(candidate).model, str(candidate)
+    return load_model(candidate, weights=weights).model, str(candidate)
