@@ -19,7 +19,7 @@ from rich.table import Table
 
 from .errors import NormfoldError
 from .inputs import Feeds, InputSpec, check_feeds, input_specs
-from .model_io import load_model
+from .model_io import model_and_name
 from .references import run_session
 from .runtime import make_session
 from .inputs import Inputs, resolve_inputs
@@ -94,11 +94,9 @@ def _prepare(models: list[Model]) -> tuple[list[_Prepared], list[InputSpec]]:
         raise NormfoldError("no model to benchmark")
     prepared = []
     for model in models:
-        if isinstance(model, onnx.ModelProto):
-            name = f"ModelProto '{model.graph.name}'" if model.graph.name else "ModelProto"
-            prepared.append(_Prepared(name, model, input_specs(model)))
-        else:
-            prepared.append(_Prepared(str(model), os.fspath(model), input_specs(load_model(model).model)))
+        proto, name = model_and_name(model, weights=False)  # a path goes to onnxruntime as a path
+        prepared.append(_Prepared(name, proto if isinstance(model, onnx.ModelProto) else os.fspath(model),
+                                  input_specs(proto)))
     for other in prepared[1:]:
         _check_same_inputs(prepared[0], other)
     return prepared, prepared[0].specs

@@ -404,7 +404,6 @@ def optimize_command(model, output, inplace, pass_names, calibration, target, po
                           rtol=rtol) if check else None
     summary = optimize_file(model, out, inplace=inplace, passes=passes, target=target, portable=portable,
                             calibration=calibration, verify_options=verify_options,
-                            recalibrate_options={"progress": progress_for(quiet, json_path).enabled},
                             progress=progress_for(quiet, json_path))
     _emit(summary, json_path, quiet, _print_optimized)
     if not summary.written:

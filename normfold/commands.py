@@ -142,8 +142,8 @@ def rewrite_file(model_path: Path, out: Path, inplace: bool, passes: list[tuple[
 
 
 def optimize_file(model_path: Path, out: Path, *, inplace: bool, passes: tuple[str, ...], target: str = "auto",
-                  portable: bool = True, calibration=None, recalibrate_options: dict | None = None,
-                  verify_options: dict | None = None, progress: Progress | None = None) -> RunSummary:
+                  portable: bool = True, calibration=None, verify_options: dict | None = None,
+                  progress: Progress | None = None) -> RunSummary:
     """`normfold optimize` on files: every selected pass, then verification of the
     written bytes against the input model (or, after recalibration, against the
     recalibrated model); a model that fails verification is not written.
@@ -154,21 +154,22 @@ def optimize_file(model_path: Path, out: Path, *, inplace: bool, passes: tuple[s
     from .optimizer import graph_passes
     from .verify import verify
 
-    reference: list = [model_path]
-    verification: list[VerifyReport] = []
+    progress = progress or Progress()
+    reference: Path | onnx.ModelProto = model_path
+    verification: VerifyReport | None = None
 
     def recalibrated(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
         from .adabn import recalibrate
 
-        model, report = recalibrate(model, calibration, **(recalibrate_options or {}))
-        reference[0] = model
-        return model, report
+        nonlocal reference
+        reference, report = recalibrate(model, calibration, progress=progress.enabled)
+        return reference, report
 
     def verified(staged: Path) -> bool:
-        report = verify(staged, reference[0], progress=progress, **verify_options)
-        report.candidate = str(out)
-        verification.append(report)
-        return report.passed
+        nonlocal verification
+        verification = verify(staged, reference, progress=progress, **verify_options)
+        verification.candidate = str(out)
+        return verification.passed
 
     summary = rewrite_file(
         model_path, out, inplace, graph_passes(passes, target), portable=portable,
@@ -176,5 +177,5 @@ def optimize_file(model_path: Path, out: Path, *, inplace: bool, passes: tuple[s
         before_commit=verified if verify_options is not None else None, progress=progress,
     )
     summary.watch(("BatchNormalization", "Identity", "ReduceL2") + FUSE_WATCHED)
-    summary.verification = verification[0] if verification else None
+    summary.verification = verification
     return summary

@@ -223,16 +223,17 @@ def _merged_opsets(like: onnx.ModelProto, exported: onnx.ModelProto) -> list[onn
     return opsets
 
 
+def all_graphs(graph: onnx.GraphProto):
+    """`graph` and every graph nested in it (If/Loop/Scan bodies, at any depth)."""
+    yield graph
+    for sub in subgraphs(graph):
+        yield from all_graphs(sub)
+
+
 def count_ops(graph: onnx.GraphProto) -> Counter:
     """Number of nodes per op type in `graph`, subgraphs included."""
-    counts = Counter(node.op_type for node in graph.node)
-    for sub in subgraphs(graph):
-        counts += count_ops(sub)
-    return counts
+    return Counter(node.op_type for g in all_graphs(graph) for node in g.node)
 
 
 def _used_domains(graph: onnx.GraphProto) -> set[str]:
-    domains = {node.domain for node in graph.node}
-    for sub in subgraphs(graph):
-        domains |= _used_domains(sub)
-    return domains
+    return {node.domain for g in all_graphs(graph) for node in g.node}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .graph import count_ops, subgraphs
+from .graph import all_graphs, count_ops
 from .model_io import load_model
 from .op_functions import DOMAIN
 
@@ -12,10 +12,10 @@ from .op_functions import DOMAIN
 def inspect_model(path: str | os.PathLike) -> dict:
     """IR version, opsets, op counts, com.normfold ops and model-local functions of
     the model at `path`, and whether it runs without normfold's library."""
-    model = load_model(path).model
+    model = load_model(path, weights=False).model  # the structure is enough
     ops = count_ops(model.graph)
     functions = {(f.domain, f.name) for f in model.functions}
-    custom = sorted(op for op in _custom_ops(model.graph))
+    custom = sorted({n.op_type for g in all_graphs(model.graph) for n in g.node if n.domain == DOMAIN})
     without_body = [op for op in custom if (DOMAIN, op) not in functions]
     return {
         "model": str(path),
@@ -28,13 +28,6 @@ def inspect_model(path: str | os.PathLike) -> dict:
         "runs_without_library": not without_body,
         "needs_library_for": without_body,
     }
-
-
-def _custom_ops(graph) -> set[str]:
-    found = {n.op_type for n in graph.node if n.domain == DOMAIN}
-    for sub in subgraphs(graph):
-        found |= _custom_ops(sub)
-    return found
 
 
 def format_inspection(report: dict) -> str:

@@ -100,6 +100,15 @@ def load_model(path: str | os.PathLike, weights: bool = True) -> LoadedModel:
     )
 
 
+def model_and_name(source: onnx.ModelProto | str | os.PathLike, weights: bool = True
+                   ) -> tuple[onnx.ModelProto, str]:
+    """`source` (a ModelProto, or a path loaded with `load_model`) and the name
+    reports show for it."""
+    if isinstance(source, onnx.ModelProto):
+        return source, f"ModelProto '{source.graph.name}'" if source.graph.name else "ModelProto"
+    return load_model(source, weights=weights).model, str(source)
+
+
 def _parse_model(f: BinaryIO, size: int) -> onnx.ModelProto:
     """Parse a ModelProto record by record, so that peak memory is the model plus
     one initializer (reading the whole file first would double it). Each

@@ -12,7 +12,7 @@ from collections import defaultdict
 import onnx
 from onnx import helper
 
-from .graph import subgraphs
+from .graph import all_graphs
 from .model_io import skeleton
 from .op_functions import DOMAIN, MIN_OPSET, SIGNATURES, make_function
 from .report import PassReport
@@ -25,7 +25,7 @@ def embed_functions(model: onnx.ModelProto) -> PassReport:
     uses, replacing older normfold bodies; nodes get their attribute defaults
     written out. Returns a report: bodies embedded, and nodes a body cannot serve."""
     report = PassReport("portable")
-    nodes = [n for g in _graphs(model.graph) for n in g.node if n.domain == DOMAIN]
+    nodes = [n for g in all_graphs(model.graph) for n in g.node if n.domain == DOMAIN]
     if not nodes:
         return report
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -95,12 +95,6 @@ def _write_defaults(node: onnx.NodeProto, defaults: dict) -> None:
                           if v is not None and k not in present)
 
 
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for sub in subgraphs(graph):
-        yield from _graphs(sub)
-
-
 def _element_types(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> dict[str, int]:
     """Element type of every tensor the model declares, with shape inference
     (on a copy without large weights) when a normfold node's input is not declared."""
@@ -116,7 +110,7 @@ def _element_types(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> dict[
 
 def _declared_types(model: onnx.ModelProto) -> dict[str, int]:
     types: dict[str, int] = {}
-    for g in _graphs(model.graph):
+    for g in all_graphs(model.graph):
         for info in (*g.input, *g.output, *g.value_info):
             if info.type.HasField("tensor_type"):
                 types[info.name] = info.type.tensor_type.elem_type

@@ -11,7 +11,7 @@ import onnx
 from .compare import OutputComparison, compare_arrays, match_outputs
 from .inputs import Inputs, input_specs, resolve_inputs
 from .localize import localize as localize_mismatch
-from .model_io import load_model
+from .model_io import model_and_name
 from .progress import Progress
 from .references import load_reference, run_session
 from .runtime import make_session
@@ -51,7 +51,7 @@ def verify(
     progress = progress or Progress()
     # one model in memory at a time: the candidate runs on every sample, then the reference
     with progress.step("loading the candidate"):
-        model, candidate_name = _candidate_model(candidate, weights=localize)
+        model, candidate_name = model_and_name(candidate, weights=localize)  # weights: for localize only
         specs = input_specs(model)
         # from a path onnxruntime reads the weights itself (no 2 GB protobuf limit, no second copy)
         session = make_session(model if isinstance(candidate, onnx.ModelProto) else os.fspath(candidate),
@@ -85,10 +85,3 @@ def verify(
     if localize:
         report.localization = localize_mismatch(model, ref, feeds_list, atol=atol, rtol=rtol, provider=provider)
     return report
-
-
-def _candidate_model(candidate, weights: bool) -> tuple[onnx.ModelProto, str]:
-    """The candidate model (from a path: its weights only if `weights`) and its name."""
-    if isinstance(candidate, onnx.ModelProto):
-        return candidate, f"ModelProto '{candidate.graph.name}'" if candidate.graph.name else "ModelProto"
-    return load_model(candidate, weights=weights).model, str(candidate)
