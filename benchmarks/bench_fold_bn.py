@@ -9,9 +9,9 @@ onnxruntime with all graph optimizations disabled (so onnxruntime cannot fold
 BN itself), relative to the output's scale.
 
 Usage:
-    python benchmarks/bench_fold_bn.py [--pairs 1000] [--target-mb 500] [--out benchmarks/out]
-    python benchmarks/bench_fold_bn.py --quick                  # tiny smoke run, all tools
-    python benchmarks/bench_fold_bn.py --quick --generate-only  # only write the model
+    python -m benchmarks.bench_fold_bn [--pairs 1000] [--target-mb 500] [--out benchmarks/out]
+    python -m benchmarks.bench_fold_bn --quick                  # tiny smoke run, all tools
+    python -m benchmarks.bench_fold_bn --quick --generate-only  # only write the model
 
 A full run updates the generated part of the "fold-bn vs onnxoptimizer and
 onnxsim" section of benchmarks/RESULTS.md (between the bench_fold_bn markers);
@@ -395,9 +395,9 @@ class Tool:
         """Command line that makes `dst` from `src`."""
         if self.name == "normfold":
             exe = Path(sys.executable).with_name("normfold")
-            head = [str(exe)] if exe.exists() else [sys.executable, "-m", "normfold.cli"]
+            head = [str(exe)] if exe.exists() else [sys.executable, "-m", "normfold"]
             return [*head, "fold-bn", str(src), "-o", str(dst), "-q", "--json", str(dst) + ".report.json"]
-        return [sys.executable, str(Path(__file__).resolve()), "_run_tool", self.name, str(src), str(dst)]
+        return [sys.executable, "-m", "benchmarks.bench_fold_bn", "_run_tool", self.name, str(src), str(dst)]
 
 
 TOOLS = {
@@ -473,7 +473,7 @@ def measure(tool: Tool, src: Path, dst: Path, logs: Path, timeout_s: float) -> R
     time_file = logs / f"{tool.name}.time"
     gnu_time = shutil.which("time", path="/usr/bin")
     wrapped = ([gnu_time, "-v", "-o", str(time_file), *argv] if gnu_time
-               else [sys.executable, str(Path(__file__).resolve()), "_rusage", str(time_file), *argv])
+               else [sys.executable, "-m", "benchmarks.bench_fold_bn", "_rusage", str(time_file), *argv])
     log_path = logs / f"{tool.name}.log"
     start = time.perf_counter()
     with open(log_path, "wb") as log:
@@ -752,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
               f"BN left {row.get('bn_left', '—')}, rel err {_fmt(row.get('rel_error'), '.1e')} "
               f"{row['detail']}", flush=True)
 
-    command = "python benchmarks/bench_fold_bn.py" + ("" if argv is None and len(sys.argv) == 1
+    command = "python -m benchmarks.bench_fold_bn" + ("" if argv is None and len(sys.argv) == 1
                                                        else " " + " ".join(argv if argv is not None else sys.argv[1:]))
     results = {"date": args.date, "command": command, "machine": machine_facts(), "model": facts,
                "model_path": _display_path(model_path), "tools": tools,

@@ -18,8 +18,8 @@ original in onnxruntime. `--phases` also runs normfold's fold-bn steps in one pr
 samples RSS after each (load, import_graph, pass, export, save).
 
 Usage:
-    python benchmarks/bench_large.py --gb 0.2 --results-md none     # small try
-    python benchmarks/bench_large.py --gb 3                         # appends to RESULTS.md
+    python -m benchmarks.bench_large --gb 0.2 --results-md none     # small try
+    python -m benchmarks.bench_large --gb 3                         # appends to RESULTS.md
 
 Generated files go to --out (default benchmarks/out/large) and are deleted afterwards unless --keep.
 """
@@ -40,8 +40,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bench_fold_bn import (MB, TOOLS, _fmt, _pkg_version, inspect_model, machine_facts, measure,  # noqa: E402
+from benchmarks.bench_fold_bn import (MB, TOOLS, _fmt, _pkg_version, inspect_model, machine_facts, measure,
                            ort_run, relative_error)
 
 OPSET, IR_VERSION = 17, 10
@@ -152,15 +151,15 @@ class Command:
         """Command line."""
         exe = Path(sys.executable).with_name("normfold")
         if self.via_script:
-            head = [sys.executable, str(Path(__file__).resolve())]
+            head = [sys.executable, "-m", "benchmarks.bench_large"]
         else:
-            head = [str(exe)] if exe.exists() else [sys.executable, "-m", "normfold.cli"]
+            head = [str(exe)] if exe.exists() else [sys.executable, "-m", "normfold"]
         return head + [a.format(src=src, dst=dst) for a in self.args]
 
     @property
     def how(self) -> str:
         """The call, for the report."""
-        return "`" + ("python benchmarks/bench_large.py " if self.via_script else "normfold ") + " ".join(
+        return "`" + ("python -m benchmarks.bench_large " if self.via_script else "normfold ") + " ".join(
             self.args).format(src="MODEL", dst="OUT") + "`"
 
 
@@ -187,8 +186,8 @@ def run_phases(src: str, dst: str) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         mark = time.perf_counter()
 
-    from normfold.graph import export_detached, import_graph
-    from normfold.model_io import load_model, save_model
+    from normfold.ir.convert import export_detached, import_graph
+    from normfold.io.model_io import load_model, save_model
     from normfold.passes.fold_bn import fold_bn
 
     phase("import normfold")
@@ -389,7 +388,7 @@ def main(argv=None) -> int:
         cap = int(args.mem_cap_gb * 1e9) if args.mem_cap_gb else int(0.75 * _available_bytes())
         runs = run_all(model_path, out, args.tools.split(","), args.timeout, not args.no_phases, cap)
         results = {"date": datetime.date.today().isoformat(),
-                   "command": "python benchmarks/bench_large.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+                   "command": "python -m benchmarks.bench_large" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
                    "machine": machine_facts(), "model": facts, "mem_cap_bytes": cap, "onnx_bytes": model_path.stat().st_size, "runs": runs}
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         section = render(results)

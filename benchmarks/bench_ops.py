@@ -36,8 +36,8 @@ from onnxruntime.capi import _pybind_state
 
 _pybind_state.set_global_thread_pool_sizes(2, 1)  # before the first session creates the environment
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from normfold.ops_library import DOMAIN, register_ops  # noqa: E402
+from normfold.ops.library import register_ops
+from normfold.ops.table import DOMAIN
 
 F = TensorProto.FLOAT
 

@@ -1,16 +1,16 @@
-"""End-to-end benchmark of normfold's passes on the model zoo (`benchmarks/zoo.py`).
+"""End-to-end benchmark of normfold's passes on the model zoo (`tests/helpers/zoo_models.py`).
 
 For every zoo model and exporter (TorchScript `dynamo=False` opset 17, dynamo opset 18;
 exports made as `tests/norm_models.py` makes them, cached, IR capped at 10) this records
 the node count before and after normfold's passes, the largest error of both models against
-PyTorch (`normfold.verify`), and onnxruntime CPU latency of both with onnxruntime's own
+PyTorch (`normfold.verify.run`), and onnxruntime CPU latency of both with onnxruntime's own
 graph optimizations ON (ORT_ENABLE_ALL), timed interleaved in one process by
-`normfold.bench.measure` — so the ratio is what normfold adds on top of onnxruntime.
+`normfold.tools.bench.measure` — so the ratio is what normfold adds on top of onnxruntime.
 Models that miss the issue's target are profiled (onnxruntime `enable_profiling`) and the
 op types that dominate are listed.
 
 Usage:
-    python benchmarks/bench_zoo.py [--models resnet50,unet_gn] [--exporters torchscript,dynamo]
+    python -m benchmarks.bench_zoo [--models resnet50,unet_gn] [--exporters torchscript,dynamo]
                                    [--runs 30] [--warmup 5] [--threads 2] [--out benchmarks/RESULTS_zoo.md]
 """
 
@@ -33,14 +33,13 @@ import onnxruntime as ort
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from zoo import ZOO, build  # noqa: E402  (also puts tests/ on sys.path)
-from norm_models import ExportError, export  # noqa: E402
+from tests.helpers.zoo_models import ZOO, build
+from tests.helpers.norm_models import ExportError, export
 
-import normfold  # noqa: E402
-from normfold.bench import measure  # noqa: E402
-from normfold.ops_library import register_ops  # noqa: E402
-from normfold.verify import verify  # noqa: E402
+import normfold
+from normfold.tools.bench import measure
+from normfold.ops.library import register_ops
+from normfold.verify.run import verify
 
 EXPORTERS = {"torchscript": 17, "dynamo": 18}  # exporter -> opset
 TARGET = 1.3  # issue #7: >= 1.3x on these families, never slower on the others
@@ -195,17 +194,17 @@ def render(rows: list[Row], meta: dict) -> str:
         f"(shared with other engineers' jobs). Python {meta['python']}, torch {meta['torch']}, "
         f"onnx {meta['onnx']}, onnxruntime {meta['onnxruntime']} (CPUExecutionProvider), normfold {meta['normfold']}.",
         "",
-        "Models: `benchmarks/zoo.py`, seeded random weights, BN statistics calibrated on a random batch then "
+        "Models: `tests/helpers/zoo_models.py`, seeded random weights, BN statistics calibrated on a random batch then "
         "perturbed, random γ/β. Exports: TorchScript (`dynamo=False`) opset 17 and dynamo opset 18, "
         f"exporter constant folding/optimization {'on' if meta['constant_folding'] else 'off'}, IR ≤ 10. "
         "Passes: " + meta["passes"] + ".",
         "",
-        f"Latency: `normfold.bench.measure([original, optimized], provider='cpu', threads={meta['threads']}, "
+        f"Latency: `normfold.tools.bench.measure([original, optimized], provider='cpu', threads={meta['threads']}, "
         f"warmup={meta['warmup']}, runs={meta['runs']}, optimize=True)`: both models with onnxruntime's graph "
         "optimizations on (ORT_ENABLE_ALL, so onnxruntime folds BN and fuses what it can itself), "
         "run interleaved on the same input; ratio = p50 before / p50 after (> 1: normfold's model is faster); "
         "min ratio = fastest run before / fastest after, the figure least disturbed by other jobs on the machine. "
-        "Error: max |ONNX − PyTorch| over the output (`normfold.verify`, one seeded input); "
+        "Error: max |ONNX − PyTorch| over the output (`normfold.verify.run`, one seeded input); "
         "'ok' = within float32 tolerance (atol 1e-4, rtol 1e-3).",
         "",
         "| model | exporter | nodes before → after | what changed | max err export | max err optimized | "
@@ -280,7 +279,7 @@ def main(argv=None) -> int:
                   f"{'' if row.ratio is None else f'{row.ratio:.2f}x'} {row.target()}", flush=True)
     meta = {
         "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/bench_zoo.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+        "command": "python -m benchmarks.bench_zoo" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
         "seconds": time.time() - start, "machine": machine(), "load_before": load_before,
         "load_after": round(os.getloadavg()[0], 2), "python": sys.version.split()[0], "torch": torch.__version__,
         "onnx": onnx.__version__, "onnxruntime": ort.__version__, "normfold": normfold.__version__,

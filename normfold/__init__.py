@@ -2,11 +2,9 @@
 
 __version__ = "0.1.0"
 
-from .errors import CheckFailed, NormfoldError  # noqa: E402
-from .adabn import recalibrate  # noqa: E402
-from .ops_library import ops_library_path  # noqa: E402
-from .optimizer import optimize  # noqa: E402
-from .pipeline import fold_bn, fold_wn, fuse, run_pass  # noqa: E402
+from normfold.errors import CheckFailed, NormfoldError  # noqa: E402
+from normfold.ops.library import ops_library_path  # noqa: E402
+from normfold.pipeline.api import fold_bn, fold_wn, fuse, optimize, recalibrate, run_pass  # noqa: E402
 
 __all__ = ["CheckFailed", "NormfoldError", "fold_bn", "fold_wn", "fuse", "ops_library_path", "optimize", "recalibrate",
            "run_pass", "__version__"]

@@ -13,8 +13,8 @@ from typing import Any
 
 import onnx
 
-from .verify import Inputs, verify
-from .verify_report import report_text
+from normfold.verify.run import Inputs, verify
+from normfold.cli.render import report_text
 
 
 def assert_equivalent(
@@ -32,7 +32,7 @@ def assert_equivalent(
     mode), a path (.onnx, TorchScript, .pt2), `package.module:callable` or a
     ModelProto. inputs: None (generated), an .npz path, a {name: array} dict or a
     list of them. atol/rtol: None picks per-dtype defaults. Other keyword
-    arguments go to `normfold.verify.verify` (e.g. shapes, seed, samples,
+    arguments go to `normfold.verify.run.verify` (e.g. shapes, seed, samples,
     weights, provider). On failure the message also names the first divergent
     node or module (pass localize=False to skip that). Bad input raises `NormfoldError`.
     """

@@ -1,16 +1,13 @@
-"""Shared pytest set-up: hypothesis profile and the tests folder on sys.path
-(so test modules can `import graphs`)."""
+"""Shared pytest set-up: the hypothesis profiles and the `rng` fixture (test helpers live in
+`tests.helpers`; pytest puts the repository root on sys.path, see pyproject.toml)."""
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 settings.register_profile(
     "normfold",

@@ -1,4 +1,4 @@
-"""`normfold bench` and `normfold.bench.measure`: statistics against numpy and
+"""`normfold bench` and `normfold.tools.bench.measure`: statistics against numpy and
 `statistics`, the interleaved run order and per-model times under a fake
 clock, inputs reaching the sessions (generated, --samples, --inputs), the
 JSON report, and bad input (exit 2, one line)."""
@@ -15,12 +15,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-import normfold.bench as bench_module
-from graphs import IR_VERSION
-from normfold.bench import LatencyStats, measure
+import normfold.tools.bench as bench_module
+from tests.helpers.graphs import IR_VERSION
+from normfold.tools.bench import LatencyStats, measure
 from normfold.errors import NormfoldError
-from normfold.inputs import generate_inputs, input_specs
-from test_cli_fold_bn import assert_bad_input, run_cli
+from normfold.io.inputs import generate_inputs, input_specs
+from tests.test_cli_fold_bn import assert_bad_input, run_cli
 
 
 def tiny_model(input_name: str = "x", batch: int | str = "N", channels: int = 3) -> onnx.ModelProto:

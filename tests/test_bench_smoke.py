@@ -7,20 +7,17 @@ from pathlib import Path
 
 import onnx
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fold_bn.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quick_generator_writes_a_valid_model_with_the_requested_pairs(tmp_path):
-    subprocess.run([sys.executable, str(BENCH), "--quick", "--generate-only", "--pairs", "9", "--out", str(tmp_path)],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_fold_bn", "--quick", "--generate-only", "--pairs", "9",
+                    "--out", str(tmp_path)], check=True, capture_output=True, timeout=120, cwd=ROOT)
     model = onnx.load(tmp_path / "model.onnx")
     onnx.checker.check_model(model, full_check=True)
 
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        from bench_fold_bn import count_conv_bn_pairs
-    finally:
-        sys.path.remove(str(BENCH.parent))
+    from benchmarks.bench_fold_bn import count_conv_bn_pairs
+
     assert count_conv_bn_pairs(model) == 9
     facts = json.loads((tmp_path / "model.json").read_text())
     ops = [n.op_type for n in model.graph.node]

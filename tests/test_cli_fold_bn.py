@@ -15,7 +15,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from graphs import (
+from tests.helpers.graphs import (
     BAD_MODEL_FILES,
     conv_bn_model,
     count_op,
@@ -25,7 +25,7 @@ from graphs import (
     ort_run,
     save_with_external_data,
 )
-from normfold.cli import main
+from normfold.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def run_cli(*args: str):
 def run_subprocess(*args: str, cwd=None):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("NORMFOLD_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "normfold.cli", *map(str, args)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "normfold", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=120)
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -282,7 +282,7 @@ def test_json_to_stdout(tmp_path):
 
 
 def test_json_to_file_with_a_skip(tmp_path):
-    from graphs import G
+    from tests.helpers.graphs import G
 
     g = G()
     x = g.input([1, 3, 5, 5], name="x")
@@ -310,7 +310,7 @@ def test_summary_is_printed(tmp_path):
 
 
 def test_options_reach_the_pass(tmp_path):
-    from graphs import G
+    from tests.helpers.graphs import G
 
     g = G()
     x = g.input([1, 3, 4, 4], name="x")
@@ -365,7 +365,7 @@ def test_large_shared_weight_through_the_cli(tmp_path, external):
     """A weight over normfold's 'large tensor' size shared by two convs, only
     one followed by BN: the file-level path (weights loaded lazily, written one
     at a time) must fold into a copy and keep the other conv exact."""
-    from graphs import G
+    from tests.helpers.graphs import G
 
     g = G(rng=np.random.default_rng(3))
     w = g.const(g.randn([16, 8, 3, 3]))  # 1152 elements

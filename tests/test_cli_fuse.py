@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-from graphs import BAD_MODEL_FILES, G, file_digests, ort_run, save_with_external_data
-from norm_graphs import affine, custom_nodes, group_norm, layer_norm, normalize, silu
-from normfold.runtime import make_session
-from test_cli_fold_bn import assert_bad_input, run_cli, run_subprocess
+from tests.helpers.graphs import BAD_MODEL_FILES, G, file_digests, ort_run, save_with_external_data
+from tests.helpers.norm_graphs import affine, custom_nodes, group_norm, layer_norm, normalize, silu
+from normfold.runtime.session import make_session
+from tests.test_cli_fold_bn import assert_bad_input, run_cli, run_subprocess
 
 
 def norm_model(opset=17):

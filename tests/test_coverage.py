@@ -2,7 +2,7 @@
 normalization method of ../shared/NORMS.md is exported with both exporters,
 run through `normfold.optimize`, checked for what normfold claims to do with
 the method (fold / custom op / standard op / kept as is), and verified against
-the PyTorch model (`normfold.verify`)."""
+the PyTorch model (`normfold.verify.run`)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import onnx
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import normfold
-import norm_models as zoo
+import tests.helpers.norm_models as zoo
 from normfold import nn as nfnn
-from normfold.verify import verify
-from test_recalibrate import torch_adabn
+from normfold.verify.run import verify
+from tests.test_recalibrate import torch_adabn
 
 
 class GeneralizedBN(nn.Module):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto
-from test_custom_ops import (one_node, ref_frn, ref_group_norm, ref_layer_norm, ref_rms_norm, ref_weight_norm)
+from tests.test_custom_ops import (one_node, ref_frn, ref_group_norm, ref_layer_norm, ref_rms_norm, ref_weight_norm)
 
-from normfold.doctor import doctor
-from normfold.ops_library import cuda_ops_library_path
-from normfold.runtime import make_session
+from normfold.tools.doctor import doctor
+from normfold.ops.library import cuda_ops_library_path
+from normfold.runtime.session import make_session
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_cuda  # noqa: E402  (the harness wrapper; importable without a GPU)
+import benchmarks.bench_cuda as bench_cuda
 
 NVCC = shutil.which("nvcc") or (Path("/usr/local/cuda/bin/nvcc") if Path("/usr/local/cuda/bin/nvcc").exists() else None)
 

@@ -1,6 +1,6 @@
 """The com.normfold CPU kernels against the PyTorch layers they implement.
 
-Every model here is one custom-op node run through `normfold.runtime.make_session`.
+Every model here is one custom-op node run through `normfold.runtime.session.make_session`.
 References are computed by PyTorch in float64 from the same (rounded) inputs;
 fp32 results must be within 1e-5 of the output scale, fp16 results within one
 fp16 rounding step. These tests fail (not skip) when the library is not built:
@@ -22,8 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from normfold.ops_library import DOMAIN, ops_library_path
-from normfold.runtime import make_session
+from normfold.ops.library import ops_library_path
+from normfold.ops.table import DOMAIN
+from normfold.runtime.session import make_session
 
 ONNX_TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
 
@@ -303,9 +304,9 @@ def loop_outputs() -> list[np.ndarray]:
 
 def test_avx2_and_baseline_loops_agree_bitwise(tmp_path):
     out = tmp_path / "baseline.npz"
-    script = f"import sys, numpy as np; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
-             f"from test_custom_ops import loop_outputs; np.savez({str(out)!r}, *loop_outputs())"
-    subprocess.run([sys.executable, "-c", script], env={**os.environ, "NORMFOLD_NO_AVX2": "1"}, check=True)
+    script = f"import numpy as np; from tests.test_custom_ops import loop_outputs; np.savez({str(out)!r}, *loop_outputs())"
+    subprocess.run([sys.executable, "-c", script], env={**os.environ, "NORMFOLD_NO_AVX2": "1"}, check=True,
+                   cwd=Path(__file__).resolve().parents[1])
     baseline = np.load(out)
     for i, y in enumerate(loop_outputs()):
         assert np.array_equal(baseline[f"arr_{i}"], y), f"output {i} differs between the AVX2 and the baseline loops"

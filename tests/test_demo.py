@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 from click.testing import CliRunner
 
-from normfold.cli import main
+from normfold.cli.main import main
 
 
 def test_demo_folds_and_fuses(tmp_path):

@@ -6,9 +6,9 @@ import json
 
 from click.testing import CliRunner
 
-from normfold import ops_library
-from normfold.cli import main
-from normfold.doctor import doctor, format_doctor
+from normfold.ops import library as ops_library
+from normfold.cli.main import main
+from normfold.tools.doctor import doctor, format_doctor
 
 
 def test_report_says_cpu_kernels_work():

@@ -8,9 +8,9 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-import models_for_tests as mft
-from normfold.cli import main
-from normfold.export import MAX_IR_VERSION, cap_ir_version
+import tests.helpers.models_for_tests as mft
+from normfold.cli.main import main
+from normfold.tools.export import MAX_IR_VERSION, cap_ir_version
 
 
 def export_cli(*args):
@@ -19,7 +19,7 @@ def export_cli(*args):
 
 def test_legacy_export_with_verify(tmp_path):
     out = tmp_path / "resnet.onnx"
-    result = export_cli("models_for_tests:make_resnetish", "--input-shape", "2x3x16x16", "-o", out, "--legacy",
+    result = export_cli("tests.helpers.models_for_tests:make_resnetish", "--input-shape", "2x3x16x16", "-o", out, "--legacy",
                         "--opset", "17", "--verify", "--json", "-")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -32,7 +32,7 @@ def test_legacy_export_with_verify(tmp_path):
 
 def test_dynamo_export_dynamic_batch_optimize_verify(tmp_path):
     out = tmp_path / "gn.onnx"
-    result = export_cli("models_for_tests:make_groupnorm", "--input-shape", "x=2x3x8x8", "-o", out,
+    result = export_cli("tests.helpers.models_for_tests:make_groupnorm", "--input-shape", "x=2x3x8x8", "-o", out,
                         "--dynamic-batch", "--optimize", "--verify")
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output and "fold-bn" in result.output
@@ -43,7 +43,7 @@ def test_dynamo_export_dynamic_batch_optimize_verify(tmp_path):
 
 def test_multiple_inputs_and_outputs(tmp_path):
     out = tmp_path / "two.onnx"
-    result = export_cli("models_for_tests:make_two_in_out", "--input-shape", "image=1x3x8x8",
+    result = export_cli("tests.helpers.models_for_tests:make_two_in_out", "--input-shape", "image=1x3x8x8",
                         "--input-shape", "bias=1x4x8x8", "-o", out, "--legacy", "--optimize", "--verify")
     assert result.exit_code == 0, result.output
     model = onnx.load(str(out))
@@ -54,7 +54,7 @@ def test_multiple_inputs_and_outputs(tmp_path):
 
 def test_integer_inputs(tmp_path):
     out = tmp_path / "tokens.onnx"
-    result = export_cli("models_for_tests:make_tokens", "--input-shape", "tokens=2x7:int64", "-o", out,
+    result = export_cli("tests.helpers.models_for_tests:make_tokens", "--input-shape", "tokens=2x7:int64", "-o", out,
                         "--legacy", "--verify")
     assert result.exit_code == 0, result.output
     assert onnx.load(str(out)).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
@@ -69,23 +69,23 @@ def test_weights_are_loaded(tmp_path):
     weights = tmp_path / "w.pt"
     torch.save(module.state_dict(), weights)
     out = tmp_path / "gn.onnx"
-    result = export_cli("models_for_tests:make_groupnorm", "--weights", weights, "--input-shape", "1x3x8x8",
+    result = export_cli("tests.helpers.models_for_tests:make_groupnorm", "--weights", weights, "--input-shape", "1x3x8x8",
                         "-o", out, "--legacy")
     assert result.exit_code == 0, result.output
-    from normfold.verify import verify
+    from normfold.verify.run import verify
 
     assert verify(out, module).passed and not verify(out, mft.make_groupnorm()).passed
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["models_for_tests:make_two_in_out", "--input-shape", "image=1x3x8x8"],
+    (["tests.helpers.models_for_tests:make_two_in_out", "--input-shape", "image=1x3x8x8"],
      "forward(image, bias) needs a shape for bias"),
-    (["models_for_tests:make_two_in_out", "--input-shape", "1x3x8x8"], "has no input name and there are 2 inputs"),
-    (["models_for_tests:make_groupnorm", "--input-shape", "y=1x3x8x8"], "shape given for 'y', which is not an input"),
-    (["models_for_tests:make_groupnorm", "--input-shape", "1x3x8x8:complex7"], "unknown dtype 'complex7'"),
-    (["models_for_tests:make_not_a_module", "--input-shape", "1x3x8x8"], "not a torch.nn.Module"),
+    (["tests.helpers.models_for_tests:make_two_in_out", "--input-shape", "1x3x8x8"], "has no input name and there are 2 inputs"),
+    (["tests.helpers.models_for_tests:make_groupnorm", "--input-shape", "y=1x3x8x8"], "shape given for 'y', which is not an input"),
+    (["tests.helpers.models_for_tests:make_groupnorm", "--input-shape", "1x3x8x8:complex7"], "unknown dtype 'complex7'"),
+    (["tests.helpers.models_for_tests:make_not_a_module", "--input-shape", "1x3x8x8"], "not a torch.nn.Module"),
     (["nope.nope:make", "--input-shape", "1x3x8x8"], "cannot import module 'nope.nope'"),
-    (["models_for_tests:make_groupnorm", "--input-shape", "1x5x8x8"], "the module failed on example inputs x[1x5x8x8]"),
+    (["tests.helpers.models_for_tests:make_groupnorm", "--input-shape", "1x5x8x8"], "the module failed on example inputs x[1x5x8x8]"),
 ])
 def test_bad_input_writes_nothing(tmp_path, args, expected):
     out = tmp_path / "model.onnx"
@@ -97,7 +97,7 @@ def test_bad_input_writes_nothing(tmp_path, args, expected):
 
 def test_missing_output_folder(tmp_path):
     out = tmp_path / "no" / "model.onnx"
-    result = export_cli("models_for_tests:make_groupnorm", "--input-shape", "1x3x8x8", "-o", out, "--legacy")
+    result = export_cli("tests.helpers.models_for_tests:make_groupnorm", "--input-shape", "1x3x8x8", "-o", out, "--legacy")
     assert result.exit_code == 2 and "does not exist" in result.stderr
 
 

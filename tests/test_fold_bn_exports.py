@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
-from graphs import count_op, fold, max_err, ort_run
+from tests.helpers.graphs import count_op, fold, max_err, ort_run
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
-from graphs import G, assert_same_outputs, bn_params, changes_for, count_op, fold, skips_for
+from tests.helpers.graphs import G, assert_same_outputs, bn_params, changes_for, count_op, fold, skips_for
 
 seeds = st.integers(0, 2**32 - 1)
 float_dtypes = st.sampled_from([np.float32, np.float16])
@@ -296,7 +296,7 @@ def test_shared_conv_weights_are_copied_not_mutated(seed, dtype, share_bias, whi
     assert_folded(report, bn, "Conv", which)
     refs = assert_same_outputs(model, folded, g.feeds)
     # the untouched conv is not only close but bit-identical
-    from graphs import ort_run
+    from tests.helpers.graphs import ort_run
 
     assert np.array_equal(ort_run(folded, g.feeds)[1], refs[1])
 
@@ -383,7 +383,7 @@ def test_bf16_model_folds_and_stays_bf16(seed, kind):
     the folded weights only."""
     from onnx import TensorProto
 
-    from graphs import ort_run
+    from tests.helpers.graphs import ort_run
 
     g = G(np.float32, rng=np.random.default_rng(seed))
     x = g.input([3, 4])

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs import (
+from tests.helpers.graphs import (
     G,
     all_nodes,
     assert_same_outputs,

@@ -12,9 +12,9 @@ import onnx
 import pytest
 
 import normfold
-import norm_models as zoo
-from graphs import ort_run
-from normfold.runtime import make_session
+import tests.helpers.norm_models as zoo
+from tests.helpers.graphs import ort_run
+from normfold.runtime.session import make_session
 
 # (exporter, opset, constant folding) combinations every case is exported with
 CONFIGS = [("torchscript", 13, True), ("torchscript", 17, False), ("dynamo", 18, True)]

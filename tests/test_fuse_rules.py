@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import normfold
-from graphs import G, ort_run
-from norm_graphs import (
+from tests.helpers.graphs import G, ort_run
+from tests.helpers.norm_graphs import (
     SPELLINGS,
     affine,
     custom_nodes,
@@ -26,7 +26,7 @@ from norm_graphs import (
     ref_normalize,
     silu,
 )
-from normfold.runtime import make_session
+from normfold.runtime.session import make_session
 
 
 def fuse(model: onnx.ModelProto, **options):

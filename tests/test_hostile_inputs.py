@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from graphs import BAD_MODEL_FILES, G, conv_bn_model, file_digests, save_with_external_data
-from normfold.cli import main
+from tests.helpers.graphs import BAD_MODEL_FILES, G, conv_bn_model, file_digests, save_with_external_data
+from normfold.cli.main import main
 from normfold.errors import NormfoldError
-from normfold.model_checks import StructureError, check_tensor_data
-from normfold.model_io import load_model
-from test_cli_fold_bn import assert_bad_input, run_cli
-from test_cli_fuse import norm_model
+from normfold.io.checks import StructureError, check_tensor_data
+from normfold.io.model_io import load_model
+from tests.test_cli_fold_bn import assert_bad_input, run_cli
+from tests.test_cli_fuse import norm_model
 
 SECONDS_PER_COMMAND = 60
 
@@ -511,7 +511,7 @@ def test_model_onnxruntime_refuses_is_one_line_in_a_real_process(tmp_path):
 
     path = _onnxruntime_refuses(tmp_path)
     for args in (["verify", str(path), "--against", str(path)], ["bench", str(path), "--runs", "1"]):
-        done = subprocess.run([sys.executable, "-m", "normfold.cli", *args], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", "normfold", *args], capture_output=True, text=True,
                               timeout=120)
         assert_bad_input(done.returncode, done.stdout, done.stderr)
         assert "onnxruntime cannot load the model" in done.stderr

@@ -1,4 +1,4 @@
-"""normfold.model_io: loading refuses bad files with one clear line (and reads
+"""normfold.io.model_io: loading refuses bad files with one clear line (and reads
 nothing outside the model's folder); saving is atomic, never overwrites the
 input, and keeps external data relative."""
 
@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from graphs import (
+from tests.helpers.graphs import (
     BAD_MODEL_FILES,
     conv_bn_model,
     external_locations,
@@ -22,7 +22,7 @@ from graphs import (
     save_with_external_data,
 )
 from normfold.errors import NormfoldError
-from normfold.model_io import load_model, save_model
+from normfold.io.model_io import load_model, save_model
 
 
 def weights(model: onnx.ModelProto) -> dict:

@@ -23,9 +23,9 @@ from onnx import numpy_helper
 from torch import nn
 
 import normfold
-import norm_models as zoo
+import tests.helpers.norm_models as zoo
 from normfold import nn as nfnn
-from normfold.runtime import make_session
+from normfold.runtime.session import make_session
 
 RTOL = 1e-5  # fp32 forward vs float64 numpy, relative to the output's magnitude
 

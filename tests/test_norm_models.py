@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
-import norm_models as nm  # noqa: E402
+import tests.helpers.norm_models as nm  # noqa: E402
 
 ATOL = RTOL = 1e-4
 

@@ -17,10 +17,10 @@ from onnx import TensorProto, helper
 from torch import nn
 
 import normfold
-import norm_models as zoo
-from graphs import ort_run
-from normfold.cli import main
-from normfold.runtime import make_session
+import tests.helpers.norm_models as zoo
+from tests.helpers.graphs import ort_run
+from normfold.cli.main import main
+from normfold.runtime.session import make_session
 
 
 class CosineHead(nn.Module):
@@ -126,10 +126,10 @@ def test_optimize_refuses_output_that_fails_verification(tmp_path, monkeypatch):
         conv.inputs[1].values = conv.inputs[1].values * 1.5
         return normfold.report.PassReport("corrupt")
 
-    import normfold.optimizer as optimizer
+    import normfold.pipeline.files as files
 
-    real = optimizer.graph_passes
-    monkeypatch.setattr(optimizer, "graph_passes", lambda names, target="auto": real(names, target) + [(corrupt, {})])
+    real = files.steps
+    monkeypatch.setattr(files, "steps", lambda names, **options: real(names, **options) + [(corrupt, {})])
     out = tmp_path / "o.onnx"
     result = invoke("optimize", src, "-o", out)
     assert result.exit_code == 1, result.output
@@ -267,7 +267,7 @@ def test_cleanup_output_identity_rewired_to_producer():
 
 
 def test_export_optimize_uses_every_pass(tmp_path):
-    from normfold.export import export
+    from normfold.tools.export import export
 
     module = zoo.make("gn2d_g4_silu")
     with warnings.catch_warnings():
@@ -308,8 +308,8 @@ def test_optimize_with_data_recalibrates_then_folds(tmp_path):
 def test_sessions_for_models_over_the_protobuf_limit(monkeypatch):
     """In-memory models over 2 GB reach onnxruntime with their large weights as
     external initializers (limit lowered here so a small model takes that path)."""
-    import normfold.runtime as runtime
-    from normfold.verify import verify
+    import normfold.runtime.session as runtime
+    from normfold.verify.run import verify
 
     _, model, x = everything()
     feeds = {model.graph.input[0].name: x}

@@ -1,4 +1,4 @@
-"""Portable fused models (normfold.portable, normfold.op_functions): every
+"""Portable fused models (normfold.ops.portable, normfold.ops.functions): every
 com.normfold op carries a standard-ONNX function body, and the model gives the
 PyTorch layer's numbers (a) in onnxruntime with normfold's library, (b) in
 onnxruntime without it (bodies inlined), (c) in onnx.reference."""
@@ -21,11 +21,12 @@ from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 import normfold
-import norm_models as zoo
-from normfold.cli import main
-from normfold.op_functions import SIGNATURES, make_function
-from normfold.portable import carried_functions, embed_functions
-from normfold.runtime import make_session
+import tests.helpers.norm_models as zoo
+from normfold.cli.main import main
+from normfold.ops.functions import make_function
+from normfold.ops.table import OPS as SIGNATURES
+from normfold.ops.portable import carried_functions, embed_functions
+from normfold.runtime.session import make_session
 
 RTOL = {TensorProto.FLOAT: 1e-5, TensorProto.DOUBLE: 1e-10, TensorProto.FLOAT16: 2e-3, TensorProto.BFLOAT16: 2e-2}
 NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16,

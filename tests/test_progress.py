@@ -11,8 +11,8 @@ import onnx
 from click.testing import CliRunner
 
 import normfold.progress as progress_module
-from graphs import conv_bn_model
-from normfold.cli import main
+from tests.helpers.graphs import conv_bn_model
+from normfold.cli.main import main
 from normfold.progress import Progress
 
 

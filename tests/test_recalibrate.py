@@ -24,10 +24,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-from graphs import G, count_op, file_digests, ort_run, tolerance
-from normfold.cli import main
+from tests.helpers.graphs import G, count_op, file_digests, ort_run, tolerance
+from normfold.cli.main import main
 from normfold.errors import NormfoldError
-from normfold.adabn import RunningMoments, recalibrate
+from normfold.passes.recalibrate import RunningMoments
+from normfold.pipeline.api import recalibrate
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

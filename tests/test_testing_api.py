@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import models_for_tests as mft
+import tests.helpers.models_for_tests as mft
 from normfold import NormfoldError
 from normfold.testing import assert_equivalent
 
@@ -21,7 +21,7 @@ def test_passes_with_model_protos_and_given_inputs():
 
 def test_passes_against_a_path_and_a_callable_spec():
     assert_equivalent(mft.onnx_file("make_two_in_out"), mft.onnx_file("make_two_in_out"))
-    assert_equivalent(str(mft.onnx_file("make_two_in_out")), "models_for_tests:make_two_in_out")
+    assert_equivalent(str(mft.onnx_file("make_two_in_out")), "tests.helpers.models_for_tests:make_two_in_out")
 
 
 def test_fails_with_the_report_table_and_the_divergent_layer():

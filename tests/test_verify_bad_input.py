@@ -7,8 +7,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import models_for_tests as mft
-from normfold.cli import main
+import tests.helpers.models_for_tests as mft
+from normfold.cli.main import main
 
 
 def verify_fails(tmp_path, candidate, reference, *extra) -> str:
@@ -32,9 +32,9 @@ def resnet():
 
 @pytest.mark.parametrize("reference, expected", [
     ("no_such_package.nets:make", "cannot import module 'no_such_package.nets'"),
-    ("models_for_tests:make_nothing", "module 'models_for_tests' has no attribute 'make_nothing'"),
-    ("models_for_tests:NOT_CALLABLE", "'NOT_CALLABLE' is a int, not callable"),
-    ("models_for_tests:make_not_a_module", "returned a dict, not a torch.nn.Module"),
+    ("tests.helpers.models_for_tests:make_nothing", "module 'tests.helpers.models_for_tests' has no attribute 'make_nothing'"),
+    ("tests.helpers.models_for_tests:NOT_CALLABLE", "'NOT_CALLABLE' is a int, not callable"),
+    ("tests.helpers.models_for_tests:make_not_a_module", "returned a dict, not a torch.nn.Module"),
     ("no/such/file.onnx", "no such file, and not of the form package.module:callable"),
 ])
 def test_bad_module_reference(tmp_path, resnet, reference, expected):
@@ -44,7 +44,7 @@ def test_bad_module_reference(tmp_path, resnet, reference, expected):
 def test_weights_that_do_not_match_list_missing_and_unexpected_keys(tmp_path, resnet):
     weights = tmp_path / "gn.pt"
     torch.save(mft.make_groupnorm().state_dict(), weights)
-    message = verify_fails(tmp_path, resnet, "models_for_tests:make_resnetish", "--weights", weights)
+    message = verify_fails(tmp_path, resnet, "tests.helpers.models_for_tests:make_resnetish", "--weights", weights)
     assert "weights do not match the module" in message
     assert "missing keys: stem.weight" in message and "layer1.0.bn1.running_mean" in message
     assert "unexpected keys: conv1.weight" in message and "norm.bias" in message
@@ -55,25 +55,25 @@ def test_weights_with_wrong_shapes(tmp_path, resnet):
     state["fc.weight"] = torch.zeros(7, 8)
     weights = tmp_path / "bad.pt"
     torch.save(state, weights)
-    message = verify_fails(tmp_path, resnet, "models_for_tests:make_resnetish", "--weights", weights)
+    message = verify_fails(tmp_path, resnet, "tests.helpers.models_for_tests:make_resnetish", "--weights", weights)
     assert "shape mismatch (file vs module): fc.weight [7, 8] vs [5, 8]" in message
 
 
 def test_weights_file_that_is_not_a_state_dict(tmp_path, resnet):
     weights = tmp_path / "module.pt"
     torch.save(mft.make_resnetish(), weights)  # a pickled module: refused by weights_only=True
-    message = verify_fails(tmp_path, resnet, "models_for_tests:make_resnetish", "--weights", weights)
+    message = verify_fails(tmp_path, resnet, "tests.helpers.models_for_tests:make_resnetish", "--weights", weights)
     assert "weights_only=True" in message
 
 
 def test_onnx_inputs_that_do_not_fit_forward(tmp_path):
     two_inputs = mft.onnx_file("make_two_in_out")
-    message = verify_fails(tmp_path, two_inputs, "models_for_tests:make_resnetish")
+    message = verify_fails(tmp_path, two_inputs, "tests.helpers.models_for_tests:make_resnetish")
     assert "has 2 inputs (image, bias)" in message and "forward takes 1 tensor arguments" in message
 
 
 def test_number_of_outputs_differs(tmp_path, resnet):
-    message = verify_fails(tmp_path, resnet, "models_for_tests:make_one_in_two_out")
+    message = verify_fails(tmp_path, resnet, "tests.helpers.models_for_tests:make_one_in_two_out")
     assert "the candidate has 1 outputs" in message and "the reference has 2" in message
 
 

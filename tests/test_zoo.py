@@ -4,20 +4,17 @@ must still match PyTorch; each norm it contains must have been folded or fused."
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_zoo import normfold_passes, op_counts  # noqa: E402
-from norm_models import FRN, LayerNorm2d, RMSNormLlama, export  # noqa: E402
-from zoo import ZOO, build  # noqa: E402
+from benchmarks.bench_zoo import normfold_passes, op_counts
+from tests.helpers.norm_models import FRN, LayerNorm2d, RMSNormLlama, export
+from tests.helpers.zoo_models import ZOO, build
 
-from normfold.testing import assert_equivalent  # noqa: E402
+from normfold.testing import assert_equivalent
 
 # norm family -> (the PyTorch layers of that norm, the op types one such layer must become)
 FUSED = {

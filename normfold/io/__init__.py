@@ -1,0 +1,1 @@
+"""Model files: loading with structural checks, safe writing, external data, skeletons; input samples."""

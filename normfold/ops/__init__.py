@@ -1,0 +1,1 @@
+"""normfold's fused ops: the op table, their standard-ONNX function bodies, the kernel library."""

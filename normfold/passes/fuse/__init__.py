@@ -1,0 +1,1 @@
+"""The fuse pass: one matcher module per norm family, the emitter of fused ops."""

@@ -1,0 +1,1 @@
+"""onnxruntime sessions with normfold's library, and runs that expose intermediate tensors."""

@@ -1,0 +1,107 @@
+"""onnxruntime sessions as normfold creates them.
+
+Every session registers normfold's custom-op library when it is built, so
+models rewritten by normfold run wherever normfold runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnxruntime as ort
+
+from normfold.errors import NormfoldError
+from normfold.io.inputs import Feeds
+from normfold.io.model_io import PROTOBUF_LIMIT, model_bytes, skeleton
+from normfold.ops.library import register_ops
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def make_session(
+    model: onnx.ModelProto | str,
+    *,
+    provider: str = "cpu",
+    optimize: bool = False,
+    threads: int | None = None,
+) -> ort.InferenceSession:
+    """An onnxruntime session for `model` (a ModelProto or a path).
+
+    `optimize=False` disables every onnxruntime graph optimization, so the
+    session computes exactly the graph it is given (onnxruntime would otherwise
+    fold BatchNorm itself and hide differences). `provider` is "cpu" or "cuda";
+    asking for CUDA where it is not available is an error, never a silent CPU run.
+    """
+    if provider not in PROVIDERS:
+        raise NormfoldError(f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)}")
+    name = PROVIDERS[provider]
+    if name not in ort.get_available_providers():
+        raise NormfoldError(
+            f"execution provider '{provider}' is not available in this onnxruntime "
+            f"(available: {', '.join(ort.get_available_providers())}); use --provider cpu"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 4  # failures reach the user as one NormfoldError line, not as ORT's log
+    if threads:
+        options.intra_op_num_threads = threads
+    register_ops(options, provider)
+    source = model if isinstance(model, str) else _serialized(model, options)
+    providers = [name] if provider == "cpu" else [name, PROVIDERS["cpu"]]
+    try:
+        session = ort.InferenceSession(source, options, providers=providers)
+    except Exception as exc:  # onnxruntime's Fail, InvalidGraph, ... (some derive from Exception alone)
+        first = str(exc).strip().splitlines()[0]
+        raise NormfoldError(f"onnxruntime cannot load the model: {first}") from exc
+    if name not in session.get_providers():
+        # onnxruntime-gpu lists CUDA even without a GPU and silently falls back to CPU.
+        raise NormfoldError(
+            f"execution provider '{provider}' could not be initialised (no usable GPU or CUDA "
+            "libraries); use --provider cpu"
+        )
+    return session
+
+
+def _serialized(model: onnx.ModelProto, options: ort.SessionOptions) -> bytes:
+    """`model` as bytes for onnxruntime. Over protobuf's 2 GB limit, the large
+    initializers are handed to onnxruntime as external initializers (no copy)
+    and stay in the bytes as data-less placeholders."""
+    if model_bytes(model) <= PROTOBUF_LIMIT:
+        return model.SerializeToString()
+    light = skeleton(model)  # large weights left out (declared as inputs, dropped again here)
+    del light.graph.input[len(model.graph.input):]
+    kept = {t.name for t in light.graph.initializer}
+    names, values = [], []
+    for tensor in model.graph.initializer:
+        if tensor.name in kept:
+            continue
+        placeholder = light.graph.initializer.add()
+        placeholder.name, placeholder.data_type = tensor.name, tensor.data_type
+        placeholder.dims.extend(tensor.dims)
+        placeholder.data_location = onnx.TensorProto.EXTERNAL
+        placeholder.external_data.add(key="location", value="normfold-in-memory")
+        names.append(tensor.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(onnx.numpy_helper.to_array(tensor)))
+    options.add_external_initializers(names, values)
+    return light.SerializeToString()
+
+
+def run_session(session, feeds: Feeds, output_names: list[str] | None = None, what: str = "model"
+                ) -> list[np.ndarray]:
+    """`session.run`, with onnxruntime's failures turned into a one-line NormfoldError
+    naming `what` ran (e.g. "the reference ONNX model")."""
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # the failure is reported below, in one line
+    try:
+        return session.run(output_names, feeds, quiet)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise NormfoldError(f"onnxruntime failed to run {what}: {first_line(exc)}") from exc
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

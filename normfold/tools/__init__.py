@@ -1,0 +1,1 @@
+"""Tools around the passes: export from PyTorch, bench, inspect, doctor, demo."""

@@ -1,0 +1,1 @@
+"""Equivalence proof: references (ONNX or PyTorch), comparison, localisation, the verdict."""

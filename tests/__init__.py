@@ -1,0 +1,1 @@
+"""normfold's test suite (a package so tests import `tests.helpers`)."""

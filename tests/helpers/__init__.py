@@ -1,0 +1,1 @@
+"""Test helpers: graph builders, PyTorch model builders, the model zoo."""
