@@ -222,7 +222,7 @@ def recalibrate_command(model, data, output, inplace, fold, json_path, quiet):
 
     out = output_path(model, output, inplace, ".recalibrated")
     progress = progress_for(quiet, json_path)
-    summary = recalibrate_file(model, out, inplace=inplace, data=data, fold=fold, progress=progress.enabled)
+    summary = recalibrate_file(model, out, inplace=inplace, data=data, fold=fold, progress=progress)
     _emit(summary, json_path, quiet, print_recalibration)
 
 
