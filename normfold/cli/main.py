@@ -432,7 +432,8 @@ def inspect_command(model, json_path):
       normfold inspect model.fused.onnx
       normfold inspect model.fused.onnx --json -
     """
-    from normfold.tools.inspect import format_inspection, inspect_model
+    from normfold.cli.render import format_inspection
+    from normfold.tools.inspect import inspect_model
 
     report = inspect_model(model)
     if json_path is not None:
