@@ -100,6 +100,40 @@ def fold_bn_command(model, output, inplace, direction, standalone, json_path, qu
     _emit(summary, json_path, quiet)
 
 
+@main.command("fold-affine")
+@click.argument("model", type=click.Path(path_type=Path))
+@output_options(".folded")
+@click.option("--direction", type=click.Choice(["both", "backward", "forward"]), default="both", show_default=True,
+              help="backward: into the layer producing the chain's input; forward: into the layers consuming "
+                   "its output.")
+@json_option
+@quiet_option
+def fold_affine_command(model, output, inplace, direction, json_path, quiet):
+    """Fold per-channel Mul/Div/Add/Sub chains by constants into linear layers.
+
+    A chain of Mul, Div, Add, Sub by constants (scalar or one value per
+    channel; operands in either order) and inference BatchNorm is composed
+    into one y = a*x + t and folded where that is exact: backward into the
+    Conv, ConvTranspose, Gemm or MatMul(+Add) producing its input (layer
+    scale), or forward into the Conv, Gemm or MatMul layers consuming its
+    output (input standardisation (x - mean) / std, min-max scaling). Before
+    a Conv that zero-pads, only the scale folds and the shift stays as one
+    Add ("partial"). Every chain left is listed with the reason. MODEL is
+    never modified unless --inplace.
+
+    \b
+    Example:
+      normfold fold-affine detector.onnx -o detector.folded.onnx
+      normfold fold-affine convnext.onnx --direction backward --json report.json
+    """
+    from normfold.pipeline.files import fold_affine_file
+
+    out = output_path(model, output, inplace, ".folded")
+    summary = fold_affine_file(model, out, inplace=inplace, direction=direction,
+                               progress=progress_for(quiet, json_path))
+    _emit(summary, json_path, quiet)
+
+
 @main.command("fuse")
 @click.argument("model", type=click.Path(path_type=Path))
 @output_options(".fused")
@@ -388,7 +422,8 @@ def optimize_command(model, output, inplace, pass_names, calibration, target, po
 
     Passes, in this order: recalibrate (with --data), fold-wn (weights computed
     from constants, so BN can fold into them), fold-bn, fuse (GroupNorm,
-    LayerNorm, RMSNorm, FRN; weight norm is fold-wn's), cleanup (Identity,
+    LayerNorm, RMSNorm, FRN; weight norm is fold-wn's), fold-affine (per-channel
+    Mul/Div/Add/Sub chains and BN left by fold-bn), cleanup (Identity,
     inference Dropout, dead nodes). The result is written to a staging file,
     run in onnxruntime against MODEL on the same inputs (generated, or
     --inputs), and moved into place only if every output matches: exit 1 and
@@ -455,7 +490,7 @@ def inspect_command(model, json_path):
               help="torch.export-based exporter, or the TorchScript-based one.")
 @click.option("--dynamic-batch", is_flag=True, help="Make dimension 0 of every input and output dynamic.")
 @click.option("--optimize", is_flag=True,
-              help="Run normfold's passes on the export (fold-wn, fold-bn, fuse, cleanup; see `optimize`).")
+              help="Run normfold's passes on the export (fold-wn, fold-bn, fuse, fold-affine, cleanup; see `optimize`).")
 @click.option("--verify", "verify_after", is_flag=True,
               help="Verify the written model against the module (exit 1 on mismatch).")
 @tolerance_options

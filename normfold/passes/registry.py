@@ -14,6 +14,7 @@ from typing import Callable
 from normfold.errors import NormfoldError
 from normfold.ops.table import FAMILIES, OPS
 from normfold.passes.cleanup import cleanup
+from normfold.passes.fold_affine import fold_affine
 from normfold.passes.fold_bn import fold_bn
 from normfold.passes.fold_weight_norm import fold_weight_norm
 from normfold.passes.fuse.fuse_norms import fuse_norms
@@ -27,6 +28,7 @@ WEIGHT_OPS = ("ReduceL2", "LpNormalization", "ReduceMean", "Sqrt", "Div", "Weigh
 # ops whose counts show what fusing did: the decomposed pieces, the standard and the fused ops
 FUSE_OPS = ("InstanceNormalization", "ReduceMean", "ReduceL2", "Sqrt", "GroupNormalization", "LayerNormalization",
             "RMSNormalization", *OPS)
+AFFINE_OPS = ("Mul", "Div", "Add", "Sub", "BatchNormalization")  # the steps fold-affine folds
 FUSE_FAMILIES = tuple(f for f in FAMILIES if f != "wn")  # what `optimize` fuses: weight norm is fold-wn's
 
 
@@ -51,6 +53,9 @@ PASSES: dict[str, PassSpec] = {spec.name: spec for spec in (
              {"direction": "both", "standalone": "keep"}),
     PassSpec("fuse", fuse_norms, "GroupNorm, LayerNorm, RMSNorm and FRN subgraphs replaced by one op each",
              {"ops": FUSE_FAMILIES, "target": "auto"}, watched=FUSE_OPS),
+    PassSpec("fold-affine", fold_affine, "per-channel Mul/Div/Add/Sub chains by constants (input standardisation, "
+             "layer scale) and BatchNorm left by fold-bn folded into neighbouring linear layers, after fuse so "
+             "that norms keep their γ/β", {"direction": "both"}, watched=AFFINE_OPS),
     PassSpec("cleanup", cleanup, "Identity, inference Dropout and dead code removed", watched=("Identity",)),
 )}
 PASS_ORDER = tuple(PASSES)

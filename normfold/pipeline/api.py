@@ -38,6 +38,19 @@ def fold_bn(
     return run.model, run.reports[0]
 
 
+def fold_affine(model: onnx.ModelProto, *, direction: str = "both") -> tuple[onnx.ModelProto, PassReport]:
+    """Fold every exactly-foldable chain of per-channel Mul/Div/Add/Sub by constants
+    (and inference BatchNorm) of `model` into its neighbouring Conv/ConvTranspose/Gemm/MatMul:
+    input standardisation, layer scale, Mul->Add chains. A chain before a Conv that
+    zero-pads folds its scale only and keeps its shift as one Add ("partial").
+
+    direction: "backward" (into the producer), "forward" (into the consumers) or "both".
+    Returns (new model, report); `model` is not modified.
+    """
+    run = run_passes(model, steps(("fold-affine",), direction=direction))
+    return run.model, run.reports[0]
+
+
 def fuse(model: onnx.ModelProto, *, ops=("gn", "ln", "rms", "frn", "wn"), target: str = "auto",
          portable: bool = True) -> tuple[onnx.ModelProto, PassReport]:
     """Replace the normalization subgraphs of `model` (GroupNorm, LayerNorm, RMSNorm,
@@ -79,7 +92,7 @@ def optimize(model: onnx.ModelProto, *, passes: tuple[str, ...] = GRAPH_PASSES, 
              portable: bool = True) -> tuple[onnx.ModelProto, list[PassReport]]:
     """Run normfold's graph passes on `model` in PASS_ORDER; return (new model, reports).
 
-    passes: a subset of fold-wn, fold-bn, fuse, cleanup; target: see `normfold.fuse`.
+    passes: a subset of fold-wn, fold-bn, fuse, fold-affine, cleanup; target: see `normfold.fuse`.
     portable: embed a standard-ONNX function body for each com.normfold op used,
     so the model also runs where normfold's library is not loaded.
     No verification here: `normfold optimize` (`normfold.pipeline.files.optimize_file`)

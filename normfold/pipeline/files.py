@@ -67,6 +67,12 @@ def fold_bn_file(model_path: Path, out: Path, *, inplace: bool, direction: str, 
                         progress=progress)
 
 
+def fold_affine_file(model_path: Path, out: Path, *, inplace: bool, direction: str,
+                     progress: Progress | None = None) -> RunSummary:
+    """`normfold fold-affine` on files: fold affine chains, write atomically, summarise."""
+    return rewrite_file(model_path, out, inplace, ("fold-affine",), {"direction": direction}, progress=progress)
+
+
 def fuse_file(model_path: Path, out: Path, *, inplace: bool, ops: tuple[str, ...], target: str,
               portable: bool = True, progress: Progress | None = None) -> RunSummary:
     """`normfold fuse` on files: fuse, embed function bodies, write atomically, summarise."""

@@ -117,7 +117,7 @@ def export(
 
 def optimize_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassReport]]:
     """Run normfold's graph passes on `model` (`normfold.optimize.optimize`: fold-wn,
-    fold-bn, fuse, cleanup; portable function bodies embedded)."""
+    fold-bn, fuse, fold-affine, cleanup; portable function bodies embedded)."""
     from normfold.pipeline.api import optimize
 
     return optimize(model)
