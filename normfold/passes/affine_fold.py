@@ -131,8 +131,6 @@ def fold_forward(graph: gs.Graph, affine: Affine, names: NameScope, partial: boo
             shift = affine_math.shift_before_scale(affine.s, affine.t)
         except affine_math.NotFoldable as zero:
             raise Skip(f"{why}; scale only: {zero}") from None
-        if np.all(affine.s == 1):
-            raise Skip(f"{why}; there is no scale to fold")
         updates = _plan_forward(graph, readers, affine.scale_only(), names)
     x, y = affine.x, affine.y
     detach(affine.nodes)

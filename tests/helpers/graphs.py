@@ -190,16 +190,16 @@ def node_names(model: onnx.ModelProto, op_type: str) -> list[str]:
     return [n.name for n in all_nodes(model.graph) if n.op_type == op_type]
 
 
-def fold(model: onnx.ModelProto, check_input: bool = True, **options):
-    """normfold.fold_bn with the invariants every call must keep: the input
-    model is not modified (unless check_input=False: the caller checks it
-    later), and the result is a valid model."""
+def fold(model: onnx.ModelProto, check_input: bool = True, api: str = "fold_bn", **options):
+    """normfold.fold_bn (or the API function `api`, e.g. "fold_affine") with the
+    invariants every call must keep: the input model is not modified (unless
+    check_input=False: the caller checks it later), and the result is a valid model."""
     import normfold
 
     before = model.SerializeToString()
-    folded, report = normfold.fold_bn(model, **options)
+    folded, report = getattr(normfold, api)(model, **options)
     if check_input:
-        assert model.SerializeToString() == before, "fold_bn modified its input ModelProto"
+        assert model.SerializeToString() == before, f"{api} modified its input ModelProto"
     assert isinstance(folded, onnx.ModelProto)
     onnx.checker.check_model(folded)
     assert folded.ir_version <= 13, f"folded model has IR version {folded.ir_version}; onnxruntime accepts <= 13"
