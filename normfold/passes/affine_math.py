@@ -26,7 +26,7 @@ def channel_vector(values, rank: int | None) -> tuple[int | None, np.ndarray]:
     NotFoldable when the constant is not scalar or per-channel, would broadcast
     the tensor to a higher rank, or holds NaN/Inf."""
     values = np.asarray(values)
-    if values.dtype.kind != "f":
+    if values.dtype.kind in "biuc":  # floats, and bfloat16 (an ml_dtypes type) fold
         raise NotFoldable(f"constant of type {values.dtype} is not floating point")
     limit = rank if rank is not None else 1
     if values.ndim > limit:
@@ -46,6 +46,10 @@ def channel_vector(values, rank: int | None) -> tuple[int | None, np.ndarray]:
 def then(a: np.ndarray, t: np.ndarray, op: str, c: np.ndarray, data_first: bool = True):
     """(a', t') of `op(a ⊙ x + t, c)` (or `op(c, a ⊙ x + t)` when not data_first)
     for op Mul, Div, Add or Sub; raises NotFoldable for `c / x` and division by 0."""
+    if op == "Div" and not data_first:
+        raise NotFoldable("constant / x is not affine in x")
+    if op == "Div" and np.any(c == 0):
+        raise NotFoldable("division by a constant that is zero for some channel")
     try:
         if op == "Mul":
             return a * c, t * c
@@ -54,10 +58,6 @@ def then(a: np.ndarray, t: np.ndarray, op: str, c: np.ndarray, data_first: bool 
         if op == "Sub":
             return (a + 0 * c, t - c) if data_first else (-a + 0 * c, c - t)
         if op == "Div":
-            if not data_first:
-                raise NotFoldable("constant / x is not affine in x")
-            if np.any(c == 0):
-                raise NotFoldable("division by a constant that is zero for some channel")
             return a / c, t / c
     except ValueError as why:  # numpy: sizes that do not broadcast
         raise NotFoldable(f"per-channel constants of different sizes ({why})") from None

@@ -1,7 +1,8 @@
 """Fold chains of per-channel affine steps into neighbouring linear layers.
 
 A step is `Mul`, `Div`, `Add` or `Sub` of the data and a constant (operands in
-either order: `c - x` is `-1·x + c`; `c / x` is not a step), or an inference
+either order: `c - x` is `-1·x + c`; `c / x` is not a step, and neither is an
+operation on two constants, left to constant folding), or an inference
 BatchNorm. The constant is a scalar or holds one value per channel of one axis
 (`[C]`, `[C, 1, 1]`, ...). Consecutive steps whose intermediate tensors have no
 other reader form a chain, composed into one `y = a ⊙ x + t` in float64
@@ -125,7 +126,7 @@ def _step(graph: gs.Graph, node: gs.Node, opset: int) -> Step | None:
         except NotConstant:
             values.append(None)
     constants = [i for i, v in enumerate(values) if v is not None]
-    if len(constants) != 1:  # both data (not affine) or both constant (not ours to fold)
+    if len(constants) != 1 or (node.op == "Div" and constants == [0]):  # x*y, constants only, or c/x
         return None
     return Step(node, 1 - constants[0], values[constants[0]])
 
