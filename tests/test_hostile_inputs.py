@@ -31,6 +31,7 @@ SECONDS_PER_COMMAND = 60
 # command -> arguments after the model path; the output (if any) goes to OUT.
 COMMAND_ARGS = {
     "fold-bn": ["-o", "{out}"],
+    "fold-affine": ["-o", "{out}"],
     "fuse": ["-o", "{out}"],
     "fold-wn": ["-o", "{out}"],
     "optimize": ["-o", "{out}"],

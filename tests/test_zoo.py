@@ -26,7 +26,8 @@ FUSED = {
 }
 # BatchNorms the fold must leave, by model: BN -> ReLU -> Conv cannot be folded exactly.
 BN_LEFT = {"resnet50": 0, "mobilenet_v3_small": 0,
-           "preact_resnet18": 1 + 4 + 1}  # on the input (before a padded conv), bn1 of each block, the final one
+           "preact_resnet18": 4 + 1}  # bn1 of each block, the final one (BN -> ReLU); the one on the
+# input, before a padded conv, is folded by fold-affine: its scale into the conv, its shift kept as an Add
 
 
 def _ops_by_type(model) -> Counter:
