@@ -19,6 +19,7 @@ import normfold
 import tests.helpers.norm_models as zoo
 from normfold import nn as nfnn
 from normfold.verify.run import verify
+from tests.test_fold_affine_exports import LayerScaleMLP, Standardized
 from tests.test_recalibrate import torch_adabn
 
 
@@ -103,6 +104,14 @@ ROWS = {
                       "weight computed offline (fold-wn)",
                       lambda: nn.Sequential(zoo.WSConv2d(3, 8, 3, ws="var"), nn.ReLU()), (2, 3, 8, 8),
                       gone=("ReduceMean", "Sqrt")),
+    "input_standardisation": Row("Input standardisation", "`(x - mean) / std` inside the model, before the first "
+                                 "conv (see tests/test_fold_affine_exports.py Standardized)",
+                                 "folded into the conv (fold-affine); a padded conv takes the scale, the shift "
+                                 "stays as one Add", lambda: Standardized(padding=1, scaling="zscore"), (2, 3, 8, 8),
+                                 gone=("Sub", "Div"), present=("Add",)),
+    "layer_scale": Row("Layer scale", "`gamma * x` after a block's last Linear (CaiT, DINOv2, ConvNeXt), see "
+                       "tests/test_fold_affine_exports.py LayerScaleMLP", "folded into the Linear's weight and bias "
+                       "(fold-affine)", lambda: LayerScaleMLP(act=F.relu), (2, 5, 16), gone=("Mul",)),
 }
 
 EXPORTS = [("torchscript", 17, False), ("dynamo", 18, False)]

@@ -46,15 +46,16 @@ class Standardized(nn.Module):
 
 
 class LayerScaleMLP(nn.Module):
-    """CaiT / DINOv2 LayerScale on tokens: x + gamma * fc2(gelu(fc1(x)))."""
+    """CaiT / DINOv2 LayerScale on tokens: x + gamma * fc2(act(fc1(x)))."""
 
-    def __init__(self, d: int = 16):
+    def __init__(self, d: int = 16, act=F.gelu):
         super().__init__()
+        self.act = act
         self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
         self.gamma = nn.Parameter(torch.empty(d).uniform_(0.1, 1.0))
 
     def forward(self, x):
-        return x + self.gamma * self.fc2(F.gelu(self.fc1(x)))
+        return x + self.gamma * self.fc2(self.act(self.fc1(x)))
 
 
 def exported(module: nn.Module, shape, exporter: str, opset: int, name: str):
