@@ -233,3 +233,28 @@ def test_bf16_model_folds_and_stays_bf16():
     [ref] = ort_run(_retype(bf16, TensorProto.BFLOAT16, TensorProto.FLOAT), g.feeds)
     [got] = ort_run(_retype(folded, TensorProto.BFLOAT16, TensorProto.FLOAT), g.feeds)
     assert np.max(np.abs(got - ref)) <= 16 * 2.0**-8 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_layer_of_an_enclosing_graph_is_not_folded_into():
+    """The conv is in the main graph, the Mul reading its output inside an If
+    branch: the branch must not rewire the main graph's conv."""
+    from onnx import helper
+
+    rng = np.random.default_rng(12)
+    outer = G(rng=rng)
+    y = conv_out(outer)
+    other = outer.input([2, 4, 5, 5])
+    cond = outer.input([], dtype=np.bool_, value=np.array(True))
+    branches = []
+    for name, read in (("then", y), ("else", other)):  # only the then branch reads the conv
+        b = G(name=name, rng=rng)
+        b.output(step(b, "Mul", read, b.randn([4, 1, 1]), name=f"{name}_mul"), shape=[2, 4, 5, 5])
+        branches.append(b.graph())
+    outer.nodes.append(helper.make_node("If", [cond], ["out"], then_branch=branches[0], else_branch=branches[1]))
+    outer.output("out", shape=[2, 4, 5, 5])
+    model = outer.model()
+    folded, report = affine_fold(model)
+    assert not report.changes
+    assert_kept(report, "then_mul", "enclosing")
+    for value in (True, False):
+        assert_same_outputs(model, folded, {**outer.feeds, cond: np.array(value)})

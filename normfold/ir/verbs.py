@@ -161,6 +161,7 @@ def _evaluate(tensor: gs.Variable, opset: int) -> np.ndarray:
     too: `CastLike(v, like)` becomes `Cast(v, to=type of like)`, and `Shape(t)`
     of a tensor whose shape is fully known is that shape.
     """
+    _check_inputs_constant(tensor)
     nodes: dict[int, onnx.NodeProto] = {}
     leaves: dict[str, np.ndarray] = {}
     stack = [tensor]
@@ -208,6 +209,26 @@ def _evaluate(tensor: gs.Variable, opset: int) -> np.ndarray:
     except Exception as exc:  # the reference evaluator's errors are of many types
         raise NotConstant(f"'{tensor.name}' could not be evaluated ({type(exc).__name__})") from exc
     return np.asarray(value)
+
+
+def _check_inputs_constant(tensor: gs.Variable) -> None:
+    """Raise NotConstant early, without exporting any node, when `tensor` depends
+    on a graph input or on more than _MAX_CONSTANT_SUBGRAPH nodes (a cheap walk
+    that spares `_evaluate` its work for the many tensors that are activations)."""
+    seen: set[int] = set()
+    stack = [tensor]
+    while stack:
+        node = producer(stack.pop())
+        if node is None or id(node) in seen or node.op in ("Shape", "Constant"):  # Shape: see _evaluate
+            continue
+        seen.add(id(node))
+        if len(seen) > _MAX_CONSTANT_SUBGRAPH:
+            raise NotConstant(f"'{tensor.name}' is computed by a large subgraph")
+        reads = node.inputs[:1] if node.op == "CastLike" else node.inputs
+        for t in reads:
+            if t.name and not isinstance(t, gs.Constant) and producer(t) is None:
+                raise NotConstant(f"'{tensor.name}' depends on graph input '{t.name}'")
+            stack.append(t)
 
 
 @contextmanager

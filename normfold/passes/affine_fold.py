@@ -94,6 +94,8 @@ def fold_backward(graph: gs.Graph, affine: Affine, names: NameScope) -> str:
     layer = producer(affine.x)
     if layer is None:
         raise Skip("input is a graph input or constant")
+    if not any(n is layer for n in graph.nodes):
+        raise Skip(f"producer {layer.op} '{layer.name}' is in an enclosing graph")
     if is_observable(graph, affine.x):
         raise Skip(f"output of {layer.op} '{layer.name}' is a graph output")
     if not only_consumer_is(graph, affine.x, affine.nodes[0]):
