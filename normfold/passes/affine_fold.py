@@ -231,24 +231,27 @@ def _replace_bias(node: gs.Node, index: int, names: NameScope, values: np.ndarra
 # --- backward: fold into the producer of x --------------------------------
 
 
-def _backward_conv(graph, conv, affine, names) -> None:
+def _conv_weight(graph, conv, affine, side: str):
+    """(W, groups, s, t) of a Conv/ConvTranspose whose `side` ("input" or
+    "output") channels the affine map acts on; Skip when they do not match."""
     w = _weight(conv, 1, graph.opset, "weight")
+    groups = int_attr(conv, "group", 1)
     if w is None or w.ndim < 3:
-        raise Skip(f"Conv '{conv.name}' weight is not a constant of rank 3 or more")
-    affine.check_axis(1, w.ndim, conv, "output")
-    s, t = affine.vectors(w.shape[0], conv, "output")
+        raise Skip(f"{conv.op} '{conv.name}' weight is not a constant of rank 3 or more")
+    affine.check_axis(1, w.ndim, conv, side)
+    channels = w.shape[0] if (conv.op, side) == ("Conv", "output") else w.shape[1] * groups
+    return (w, groups, *affine.vectors(channels, conv, side))
+
+
+def _backward_conv(graph, conv, affine, names) -> None:
+    w, _, s, t = _conv_weight(graph, conv, affine, "output")
     b = _channel_bias(conv, graph.opset, w.shape[0])
     _replace_weight(conv, 1, names, w, lambda values: affine_math.scale_output_channels(values, s, 0))
     _replace_bias(conv, 2, names, affine_math.output_bias(_load(b), s, t), b, w.dtype)
 
 
 def _backward_conv_transpose(graph, conv, affine, names) -> None:
-    w = _weight(conv, 1, graph.opset, "weight")
-    groups = int_attr(conv, "group", 1)
-    if w is None or w.ndim < 3:
-        raise Skip(f"ConvTranspose '{conv.name}' weight is not a constant of rank 3 or more")
-    affine.check_axis(1, w.ndim, conv, "output")
-    s, t = affine.vectors(w.shape[1] * groups, conv, "output")
+    w, groups, s, t = _conv_weight(graph, conv, affine, "output")
     b = _channel_bias(conv, graph.opset, s.size)
     _replace_weight(conv, 1, names, w, lambda values: affine_math.scale_conv_transpose_output(values, s, groups))
     _replace_bias(conv, 2, names, affine_math.output_bias(_load(b), s, t), b, w.dtype)
@@ -343,12 +346,7 @@ _BACKWARD = {
 
 
 def _forward_conv(graph, conv, affine, names):
-    w = _weight(conv, 1, graph.opset, "weight")
-    groups = int_attr(conv, "group", 1)
-    if w is None or w.ndim < 3:
-        raise Skip(f"Conv '{conv.name}' weight is not a constant of rank 3 or more")
-    affine.check_axis(1, w.ndim, conv, "input")
-    s, t = affine.vectors(w.shape[1] * groups, conv, "input")
+    w, groups, s, t = _conv_weight(graph, conv, affine, "input")
     if pads_input(conv) and np.any(t != 0):
         raise ShiftMeetsPadding(
             f"Conv '{conv.name}' zero-pads its input and {affine.what} shifts it (t != 0), so the fold "
