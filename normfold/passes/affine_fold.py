@@ -88,9 +88,9 @@ class Affine:
         return Affine(self.nodes, self.x, self.y, self.s, np.zeros_like(self.t), self.axis)
 
 
-def fold_backward(graph: gs.Graph, affine: Affine, names: NameScope) -> str:
-    """Fold `affine` into the layer producing x and remove its nodes; return what
-    it was folded into, or raise Skip with the reason."""
+def fold_backward(graph: gs.Graph, affine: Affine, names: NameScope) -> tuple[str, str]:
+    """Fold `affine` into the layer producing x and remove its nodes; return
+    (what it was folded into, "backward"), or raise Skip with the reason."""
     layer = producer(affine.x)
     if layer is None:
         raise Skip("input is a graph input or constant")
@@ -108,7 +108,7 @@ def fold_backward(graph: gs.Graph, affine: Affine, names: NameScope) -> str:
     index = source.outputs.index(affine.x)
     detach(affine.nodes)
     source.outputs[index] = affine.y
-    return layer.op if layer.op != "Add" else "MatMul"
+    return layer.op if layer.op != "Add" else "MatMul", "backward"
 
 
 def fold_forward(graph: gs.Graph, affine: Affine, names: NameScope, partial: bool = False) -> tuple[str, str]:

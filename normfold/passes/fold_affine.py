@@ -97,7 +97,7 @@ def _fold(graph, affine: Affine, names, direction: str, partial: bool) -> tuple[
     failures = []
     if direction in ("both", "backward"):
         try:
-            return fold_backward(graph, affine, names), "backward"
+            return fold_backward(graph, affine, names)
         except Skip as why:
             failures.append(f"backward: {why}")
     if direction in ("both", "forward"):

@@ -57,11 +57,11 @@ def _fold_graph(graph, opset, names, direction, standalone, report, where) -> No
             failures = []
             for how, fold in folds:
                 try:
-                    into = fold(graph, bn, names)
+                    into, _ = fold(graph, bn, names)
                 except Skip as why:
                     failures.append(f"{how}: {why}")
                     continue
-                report.changed(node.name, BN, into if how == "backward" else into[0], how, where)
+                report.changed(node.name, BN, into, how, where)
                 reasons.pop(id(node), None)
                 progress = True
                 break
