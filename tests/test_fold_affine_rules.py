@@ -130,6 +130,22 @@ def test_steps_on_different_axes_split_the_chain():
     assert_same_outputs(model, folded, g.feeds)
 
 
+def test_a_step_that_composes_with_nothing_leaves_the_rest_of_the_chain_foldable():
+    """conv -> Mul per channel -> Mul per column -> Mul per channel -> 1x1 conv:
+    the first folds backward, the last forward, the middle one is left."""
+    g = G(rng=np.random.default_rng(13))
+    y = step(g, "Mul", conv_out(g), g.randn([4, 1, 1]), name="first")
+    y = step(g, "Mul", y, g.randn([5]), name="per_column")
+    y = step(g, "Mul", y, g.randn([4, 1, 1]), name="last")
+    g.output(g.conv(y, 4, 2, [1, 1]))
+    model = g.model()
+    folded, report = affine_fold(model)
+    assert [(c.node, c.how) for c in report.changes] == [("first", "backward"), ("last", "forward")]
+    assert_kept(report, "per_column", "axis")
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Mul", "Conv"]
+    assert_same_outputs(model, folded, g.feeds)
+
+
 def test_partial_fold_refused_where_the_scale_is_zero_and_the_shift_not():
     g = G(rng=np.random.default_rng(6))
     x = g.input([1, 3, 5, 5])

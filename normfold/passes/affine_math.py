@@ -16,9 +16,6 @@ class NotFoldable(ValueError):
     """The constants do not define a finite per-channel affine map."""
 
 
-IDENTITY = (np.ones(1), np.zeros(1))
-
-
 def channel_vector(values, rank: int | None) -> tuple[int | None, np.ndarray]:
     """(axis, vector) of a constant operand broadcast against a tensor of `rank`
     (None: unknown): axis None for a scalar, else the negative axis (counted from

@@ -18,6 +18,7 @@ the last Linear/Conv of a block. Every chain left is reported with the reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -73,19 +74,21 @@ def _fold_graph(graph: gs.Graph, opset: int, names: NameScope, direction: str, r
         progress = False
         reasons.clear()
         for chain in _chains(graph, opset, shifts):
-            if not all(step.node.outputs for step in chain):  # already folded this round
-                continue
-            try:
-                affine = _compose(graph, opset, chain)
-                into, how = _fold(graph, affine, names, direction, partial=len(chain) > 1 or chain[0].node.op == BN)
-            except Skip as why:
-                reasons[id(chain[0].node)] = ([s.node for s in chain], str(why))
-                continue
-            for step in chain:
-                report.changed(step.node.name, step.node.op, into, how, where)
-            if how == "partial":
-                shifts.add(id(producer(affine.y)))
-            progress = True
+            for steps, affine, reason in _pieces(graph, opset, chain):
+                if affine is not None:
+                    try:
+                        into, how = _fold(graph, affine, names, direction,
+                                          partial=len(steps) > 1 or steps[0].node.op == BN)
+                    except Skip as why:
+                        reason = str(why)
+                if reason:
+                    reasons[id(steps[0].node)] = ([s.node for s in steps], reason)
+                    continue
+                for step in steps:
+                    report.changed(step.node.name, step.node.op, into, how, where)
+                if how == "partial":
+                    shifts.add(id(producer(affine.y)))
+                progress = True
     for nodes, reason in reasons.values():
         for node in nodes:
             if node.outputs:
@@ -111,7 +114,7 @@ def _fold(graph, affine: Affine, names, direction: str, partial: bool) -> tuple[
 # --- finding chains -------------------------------------------------------------
 
 
-def _step(graph: gs.Graph, node: gs.Node, opset: int) -> Step | None:
+def _step(node: gs.Node, opset: int) -> Step | None:
     """`node` as an affine step, or None."""
     if not is_standard(node) or len(node.outputs) < 1:
         return None
@@ -143,7 +146,7 @@ def _next(graph: gs.Graph, step: Step, steps: dict[int, Step]) -> Step | None:
 def _chains(graph: gs.Graph, opset: int, excluded: set[int]) -> list[list[Step]]:
     """Maximal chains of steps, in graph order; the bias Add of a MatMul and the
     nodes in `excluded` are not steps."""
-    steps = {id(n): s for n in graph.nodes if id(n) not in excluded and (s := _step(graph, n, opset)) is not None}
+    steps = {id(n): s for n in graph.nodes if id(n) not in excluded and (s := _step(n, opset)) is not None}
     successor = {id(s.node): _next(graph, s, steps) for s in steps.values()}
     followed = {id(n.node) for n in successor.values() if n is not None}
     chains = []
@@ -170,25 +173,29 @@ def _is_matmul_bias(graph: gs.Graph, step: Step) -> bool:
 # --- composing a chain ----------------------------------------------------------
 
 
-def _compose(graph: gs.Graph, opset: int, chain: list[Step]) -> Affine:
-    """The chain as one affine map; Skip when a step is not per-channel or the
-    steps act on different axes. Long chains are cut before the step that does
-    not compose (that step starts the next chain on the next round)."""
-    x = chain[0].x
-    rank = len(x.shape) if x.shape is not None else None
-    a, t = np.ones(1), np.zeros(1)
-    axis = None
-    for i, step in enumerate(chain):
-        try:
-            step_axis, (a2, t2) = _apply(graph, opset, step, rank, a, t)
-            axis = _same_axis(axis, step_axis, rank)
-        except affine_math.NotFoldable as why:
-            if i == 0:
-                raise Skip(f"{step.node.op} '{step.node.name}': {why}") from None
-            del chain[i:]
-            break
-        a, t = a2, t2
-    return Affine([s.node for s in chain], x, chain[-1].y, a, t, axis)
+def _pieces(graph: gs.Graph, opset: int, chain: list[Step]) -> Iterator[tuple[list[Step], Affine | None, str]]:
+    """`chain` cut into runs of steps that compose into one affine map:
+    (steps, map, "") for each, (the step, None, reason) for a step that composes
+    with nothing (not per-channel, division by zero, ...). Lazily, so that each
+    run is composed after the one before it was folded."""
+    while chain:
+        x = chain[0].x
+        rank = len(x.shape) if x.shape is not None else None
+        a, t, axis, n, reason = np.ones(1), np.zeros(1), None, 0, ""
+        for step in chain:
+            try:
+                step_axis, (a2, t2) = _apply(graph, opset, step, rank, a, t)
+                axis2 = _same_axis(axis, step_axis, rank)
+            except affine_math.NotFoldable as why:
+                reason = f"{step.node.op} '{step.node.name}': {why}"
+                break
+            a, t, axis, n = a2, t2, axis2, n + 1
+        if n == 0:
+            yield chain[:1], None, reason
+            chain = chain[1:]
+        else:
+            yield chain[:n], Affine([s.node for s in chain[:n]], x, chain[n - 1].y, a, t, axis), ""
+            chain = chain[n:]
 
 
 def _apply(graph, opset, step: Step, rank, a, t):
