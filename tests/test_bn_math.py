@@ -1,5 +1,6 @@
-"""The numeric core of the BN fold (`normfold.passes.bn_math`), on its own: each
-formula against PyTorch computing the unfolded layers in float64."""
+"""The numeric core of the BN fold (`normfold.passes.bn_math` and the layer
+algebra of `normfold.passes.affine_math` it uses), on its own: each formula
+against PyTorch computing the unfolded layers in float64."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from normfold.passes import bn_math
+from normfold.passes import affine_math, bn_math
 
 
 
@@ -51,7 +52,7 @@ def test_conv_then_bn_matches_torch_fusion(cin, cout, k, bias, seed):
     w, b = rng.standard_normal((cout, cin, k, k)), rng.standard_normal(cout) if bias else None
     scale, beta, mean, var = bn_params(rng, cout)
     s, t = bn_math.bn_affine(scale, beta, mean, var, 1e-5)
-    folded_w, folded_b = bn_math.scale_output_channels(w, s, 0), bn_math.output_bias(b, s, t)
+    folded_w, folded_b = affine_math.scale_output_channels(w, s, 0), affine_math.output_bias(b, s, t)
     as_t = lambda a: torch.from_numpy(np.asarray(a, np.float64))  # noqa: E731
     want_w, want_b = fuse_conv_bn_weights(as_t(w), None if b is None else as_t(b), as_t(mean), as_t(var), 1e-5,
                                           as_t(scale), as_t(beta))
@@ -71,8 +72,8 @@ def test_conv_transpose_then_bn(groups, per_in, per_out, seed):
     s, t = bn_math.bn_affine(*params, 1e-5)
     want = torch_bn(F.conv_transpose2d(x, torch.from_numpy(w), torch.from_numpy(b), stride=2, groups=groups),
                     *params, 1e-5)
-    got = F.conv_transpose2d(x, torch.from_numpy(bn_math.scale_conv_transpose_output(w, s, groups)),
-                             torch.from_numpy(bn_math.output_bias(b, s, t)), stride=2, groups=groups)
+    got = F.conv_transpose2d(x, torch.from_numpy(affine_math.scale_conv_transpose_output(w, s, groups)),
+                             torch.from_numpy(affine_math.output_bias(b, s, t)), stride=2, groups=groups)
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-10)
 
 
@@ -87,8 +88,8 @@ def test_bn_then_unpadded_conv(groups, per_in, per_out, k, seed):
     x = torch.from_numpy(rng.standard_normal((1, cin, 4, 5)))
     s, t = bn_math.bn_affine(*params, 1e-5)
     want = F.conv2d(torch_bn(x, *params, 1e-5), torch.from_numpy(w), torch.from_numpy(b), groups=groups)
-    folded_b = bn_math.output_bias(b, 1.0, bn_math.conv_input_shift(w, t, groups))
-    got = F.conv2d(x, torch.from_numpy(bn_math.scale_conv_input(w, s, groups)), torch.from_numpy(folded_b),
+    folded_b = affine_math.output_bias(b, 1.0, affine_math.conv_input_shift(w, t, groups))
+    got = F.conv2d(x, torch.from_numpy(affine_math.scale_conv_input(w, s, groups)), torch.from_numpy(folded_b),
                    groups=groups)
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-10)
 
@@ -103,6 +104,6 @@ def test_bn_then_matrix_product(k, n, k_axis, seed):
     s, t = bn_math.bn_affine(*params, 1e-5)
     matrix = w if k_axis == 0 else w.T
     want = (s * x + t) @ matrix
-    folded = bn_math.scale_matrix_input(w, s, k_axis)
+    folded = affine_math.scale_matrix_input(w, s, k_axis)
     got = x @ (folded if k_axis == 0 else folded.T)
-    np.testing.assert_allclose(got + bn_math.matrix_input_shift(w, t, k_axis), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got + affine_math.matrix_input_shift(w, t, k_axis), want, rtol=1e-12, atol=1e-12)
