@@ -135,3 +135,21 @@ def test_token_layer_scale_folds_into_the_linear(exporter, opset):
     assert_matches_pytorch(folded, feeds, want)
     left = sum(count_op(folded, op) for op in STEP_OPS)
     assert left < sum(count_op(model, op) for op in STEP_OPS)
+
+
+@pytest.mark.parametrize("name", ["convnext_t", "convnext_t_convmlp"])
+def test_zoo_convnext_layer_scales_are_folded(name):
+    """The model zoo's ConvNeXt-T (tiny widths): after `optimize`, no block's
+    layer scale is read by any node, and the model still matches PyTorch."""
+    from normfold.testing import assert_equivalent
+    from tests.helpers.zoo_models import build
+
+    module, args = build(name, tiny=True)
+    model = export(module, args, exporter="torchscript", opset=17, constant_folding=False, name=f"zoo-tiny-{name}")
+    blocks = [m for m in module.modules() if isinstance(m, ConvNeXtBlock)]
+    assert blocks and all(reads_gamma(model, b.gamma) for b in blocks)
+    optimized, reports = normfold.optimize(model)
+    assert not any(reads_gamma(optimized, b.gamma) for b in blocks)
+    [affine] = [r for r in reports if r.name == "fold-affine"]
+    assert affine.counts().get("MatMul (backward)" if name == "convnext_t" else "Conv (backward)", 0) >= len(blocks)
+    assert_equivalent(optimized, module, inputs={model.graph.input[0].name: args[0].numpy()})
