@@ -12,7 +12,9 @@ forward into the Conv/Gemm/MatMul layers reading y. When a consumer zero-pads
 and the chain shifts, only the scale folds and the shift stays as one Add
 (reported as "partial"). This covers input standardisation (`(x - mean) / std`,
 min-max scaling) before the first Conv and layer scale (`gamma * x`) after
-the last Linear/Conv of a block. Every chain left is reported with the reason.
+the last Linear/Conv of a block. The factor 0.5 ending an erf GELU is left,
+so that onnxruntime still fuses the GELU into one op. Every chain left is
+reported with the reason.
 """
 
 from __future__ import annotations
@@ -207,8 +209,21 @@ def _apply(graph, opset, step: Step, rank, a, t):
             raise affine_math.NotFoldable(str(why)) from None
         a, t = affine_math.then(a, t, "Mul", bn.s)
         return 1, affine_math.then(a, t, "Add", bn.t)
+    if _is_gelu_factor(step):
+        raise affine_math.NotFoldable("the factor of an erf GELU is left so that onnxruntime fuses the GELU "
+                                      "into one op")
     axis, c = affine_math.channel_vector(step.constant, rank)
     return axis, affine_math.then(a, t, step.node.op, c, data_first=step.data == 0)
+
+
+def _is_gelu_factor(step: Step) -> bool:
+    """Whether `step` is the scalar Mul ending an erf GELU, `x·(1 + erf(x/√2))·0.5`
+    (onnxruntime's Gelu fusion needs it there)."""
+    product = producer(step.x)
+    if step.node.op != "Mul" or step.constant.size != 1 or product is None or product.op != "Mul":
+        return False
+    adds = [p for p in map(producer, product.inputs) if p is not None and p.op == "Add"]
+    return any(p is not None and p.op == "Erf" for add in adds for p in map(producer, add.inputs))
 
 
 def _same_axis(axis: int | None, other: int | None, rank: int | None) -> int | None:
