@@ -61,6 +61,7 @@ class Affine:
 
     @property
     def what(self) -> str:
+        """What the map is, for messages."""
         return "BN" if self.nodes[0].op == "BatchNormalization" else "the affine map"
 
     def vectors(self, channels: int, layer: gs.Node, side: str) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +133,7 @@ def fold_forward(graph: gs.Graph, affine: Affine, names: NameScope, partial: boo
         if not partial:
             raise
         try:
-            shift = affine_math.shift_before_scale(affine.s, affine.t)
+            shift = _shift_values(affine, affine_math.shift_before_scale(affine.s, affine.t))
         except affine_math.NotFoldable as zero:
             raise Skip(f"{why}; scale only: {zero}") from None
         updates = _plan_forward(graph, readers, affine.scale_only(), names)
@@ -141,7 +142,9 @@ def fold_forward(graph: gs.Graph, affine: Affine, names: NameScope, partial: boo
     if shift is None:
         replace_input(y, x)
     else:
-        _add_shift(graph, affine, shift, names)
+        name = label(affine.nodes[0])
+        constant = names.constant(f"{name}.shift", shift)
+        graph.nodes.append(gs.Node("Add", names.fresh(f"{name}_shift"), inputs=[x, constant], outputs=[y]))
     for update in updates:
         update()
     return "+".join(sorted({r.op for r in readers})), "forward" if shift is None else "partial"
@@ -161,18 +164,16 @@ def _plan_forward(graph, readers, affine, names) -> list:
     return updates
 
 
-def _add_shift(graph: gs.Graph, affine: Affine, shift: np.ndarray, names: NameScope) -> None:
-    """y = Add(x, shift) along the map's channel axis (its nodes already detached)."""
-    shape = affine.x.shape or affine.y.shape
-    dtype = numpy_dtype(affine.x.dtype) or np.dtype(np.float32)
+def _shift_values(affine: Affine, shift: np.ndarray) -> np.ndarray:
+    """The constant of `Add(x, shift)` along the map's channel axis, in x's dtype;
+    raises NotFoldable when x's rank or dtype is unknown."""
+    dtype = numpy_dtype(affine.x.dtype)
+    if dtype is None or (affine.axis is not None and affine.axis >= 0 and affine.x.shape is None):
+        raise affine_math.NotFoldable("the rank or type of its input is unknown")
     if affine.axis is None:
-        values = shift.reshape(())
-    else:
-        from_end = affine.axis - len(shape) if affine.axis >= 0 else affine.axis
-        values = shift.reshape((-1,) + (1,) * (-from_end - 1))
-    name = label(affine.nodes[0])
-    constant = names.constant(f"{name}.shift", values.astype(dtype))
-    graph.nodes.append(gs.Node("Add", names.fresh(f"{name}_shift"), inputs=[affine.x, constant], outputs=[affine.y]))
+        return shift.reshape(()).astype(dtype)
+    from_end = affine.axis - len(affine.x.shape) if affine.axis >= 0 else affine.axis
+    return shift.reshape((-1,) + (1,) * (-from_end - 1)).astype(dtype)
 
 
 def numpy_dtype(dtype):
