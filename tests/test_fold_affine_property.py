@@ -193,16 +193,21 @@ def test_chain_then_gemm_folds_forward(seed, m, k, n, trans_b, alpha, beta, c_sh
 
 
 @given(seed=seeds, lead=st.lists(st.integers(1, 3), max_size=2), k=st.integers(1, 5), n=st.integers(1, 5),
-       dtype=dtypes, kinds=chains)
-def test_chain_then_matmul_folds_forward(seed, lead, k, n, dtype, kinds):
+       dtype=dtypes, kinds=chains, bias=st.booleans())
+def test_chain_then_matmul_folds_forward(seed, lead, k, n, dtype, kinds, bias):
+    """The shift becomes the MatMul's bias Add (merged into the bias it had)."""
     g = G(dtype, rng=np.random.default_rng(seed))
     x = g.input([*lead, 2, k])
     h, names = apply_chain(g, x, kinds, [k], "init")
-    g.output(g.op("MatMul", [h, g.const(g.randn([k, n]))]))
+    y = g.op("MatMul", [h, g.const(g.randn([k, n]))])
+    if bias:
+        y = g.op("Add", [y, g.const(g.randn([n]))])
+    g.output(y)
     model = g.model()
     folded, report = affine_fold(model)
     assert_chain_folded(folded, report, names, "MatMul", "forward")
-    assert count_op(folded, "MatMul") == 1 and len(folded.graph.node) <= 2
+    shifts = any(k not in ("mul", "mul_l", "div") for k in kinds)
+    assert op_types(folded) == ["MatMul", "Add"] if bias or shifts else ["MatMul"]
     assert_same_outputs(model, folded, g.feeds)
 
 
