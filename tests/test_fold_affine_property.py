@@ -179,6 +179,26 @@ def test_chain_then_conv_folds_forward_or_partially(seed, geo, bias, dtype, kind
     assert_same_outputs(model, folded, g.feeds)
 
 
+@given(seed=seeds, group=st.sampled_from([1, 2]), dtype=conv_dtypes, kinds=chains, data=st.data())
+def test_chain_then_conv_transpose_folds_its_scale(seed, group, dtype, kinds, data):
+    """A ConvTranspose takes the scale exactly; a shift stays as one Add (a chain
+    that only shifts, alone, is left)."""
+    cin, cout = group * data.draw(st.integers(1, 2)), group * data.draw(st.integers(1, 3))
+    g = G(dtype, rng=np.random.default_rng(seed))
+    x = g.input([1, cin, 3, 4])
+    h, names = apply_chain(g, x, kinds, [cin, 1, 1], "init")
+    y = g.conv_transpose(h, cin, cout, [2, 3], group=group, strides=[2, 1], pads=data.draw(
+        st.sampled_from([[0, 0, 0, 0], [0, 1, 0, 1]])), bias=data.draw(st.booleans()))
+    if all(k in ("mul", "mul_l", "div") for k in kinds):
+        fold_and_check(g, y, names, "ConvTranspose", "forward", ["ConvTranspose"])
+    elif len(kinds) > 1:
+        fold_and_check(g, y, names, "ConvTranspose", "partial", ["Add", "ConvTranspose"])
+    else:
+        g.output(y)
+        folded, report = affine_fold(g.model())
+        assert not report.changes and "spreads" in skips_for(report, names[0])[0].reason
+
+
 @given(seed=seeds, m=st.integers(1, 4), k=st.integers(1, 5), n=st.integers(1, 5), trans_b=st.booleans(),
        alpha=st.sampled_from([1.0, 0.5]), beta=st.sampled_from([1.0, 0.0, 0.7]),
        c_shape=st.sampled_from(["none", "[N]", "[M,N]"]), dtype=dtypes, kinds=chains)

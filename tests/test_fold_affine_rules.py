@@ -291,3 +291,25 @@ def test_layer_of_an_enclosing_graph_is_not_folded_into():
     assert_kept(report, "then_mul", "enclosing")
     for value in (True, False):
         assert_same_outputs(model, folded, {**outer.feeds, cond: np.array(value)})
+
+
+@pytest.mark.parametrize("zero_shift", [True, False])
+def test_fold_bn_folds_a_shift_free_bn_into_a_following_conv_transpose(zero_shift):
+    """fold-bn uses the same core: a BN with t = 0 before a ConvTranspose folds
+    forward; with a shift it is kept (fold-affine then folds its scale)."""
+    from tests.helpers.graphs import bn_params, fold
+
+    g = G(rng=np.random.default_rng(15))
+    x = g.input([1, 4, 3, 3])
+    h, bn = g.bn(x, 4, params=bn_params(g.rng, 4, zero_shift=zero_shift))
+    g.output(g.conv_transpose(h, 4, 6, [3, 3], group=2, strides=[2, 2], pads=[1, 1, 1, 1]))
+    model = g.model()
+    folded, report = fold(model)
+    assert count_op(folded, "BatchNormalization") == (0 if zero_shift else 1)
+    assert [c.how for c in report.changes] == (["forward"] if zero_shift else [])
+    assert_same_outputs(model, folded, g.feeds)
+    if not zero_shift:
+        folded, report = affine_fold(model)
+        assert [c.how for c in report.changes] == ["partial"]
+        assert [n.op_type for n in folded.graph.node] == ["Add", "ConvTranspose"]
+        assert_same_outputs(model, folded, g.feeds)

@@ -83,8 +83,8 @@ def fold_bn_command(model, output, inplace, direction, standalone, json_path, qu
 
     Every BN whose fold is exact is folded: backward into a Conv, ConvTranspose,
     Gemm or MatMul(+Add) that produces its input, or forward into the Conv
-    (unpadded, or with zero shift), Gemm or MatMul layers that consume its
-    output. Every BN left in place is listed with the reason. Subgraphs of
+    (unpadded, or with zero shift), ConvTranspose (zero shift), Gemm or
+    MatMul layers that consume its output. Every BN left in place is listed with the reason. Subgraphs of
     If/Loop/Scan are processed too. MODEL is never modified unless --inplace.
 
     \b
@@ -117,8 +117,8 @@ def fold_affine_command(model, output, inplace, direction, json_path, quiet):
     Conv, ConvTranspose, Gemm or MatMul(+Add) producing its input (layer
     scale), or forward into the Conv, Gemm or MatMul layers consuming its
     output (input standardisation (x - mean) / std, min-max scaling). Before
-    a Conv that zero-pads, only the scale folds and the shift stays as one
-    Add ("partial"). Every chain left is listed with the reason. MODEL is
+    a Conv that zero-pads, or a ConvTranspose, only the scale folds and the
+    shift stays as one Add ("partial"). Every chain left is listed with the reason. MODEL is
     never modified unless --inplace.
 
     \b

@@ -1,8 +1,8 @@
 """Fold a per-channel affine map `y = s ⊙ x + t` into neighbouring linear layers.
 
     backward:  Conv | ConvTranspose | Gemm | MatMul(+Add)  ->  affine     =>  layer'
-    forward:   affine  ->  Conv (unpadded or t = 0) | Gemm | MatMul         =>  layer'
-    partial:   affine  ->  padded Conv ...  =>  Add(t / s) -> Conv(W·s) ...
+    forward:   affine  ->  Conv (unpadded or t = 0) | ConvTranspose (t = 0) | Gemm | MatMul  =>  layer'
+    partial:   affine  ->  padded Conv | ConvTranspose ...  =>  Add(t / s) -> Conv(W·s) ...
 
 The affine map is computed by a chain of nodes (one BN, or Mul/Div/Add/Sub by
 constants) from tensor x to tensor y; `fold_bn` and `fold_affine` find the
@@ -39,8 +39,9 @@ from normfold.passes import affine_math
 from normfold.passes.batchnorm import Skip
 
 
-class ShiftMeetsPadding(Skip):
-    """A consumer zero-pads its input and the map shifts it: only the scale folds exactly."""
+class OnlyScaleFolds(Skip):
+    """A consumer takes the map's scale exactly but not its shift (a Conv that
+    zero-pads its input, a ConvTranspose)."""
 
 
 @dataclass
@@ -116,9 +117,9 @@ def fold_forward(graph: gs.Graph, affine: Affine, names: NameScope, partial: boo
     """Fold `affine` into every layer consuming y and remove its nodes; return
     (what it was folded into, "forward"), or raise Skip with the reason.
 
-    partial: where a consumer zero-pads its input and the map shifts it, fold
-    only the scale and keep the shift as one `Add(t / s)` before the consumers:
-    returns (..., "partial").
+    partial: where a consumer cannot take the shift exactly (a Conv that
+    zero-pads its input, a ConvTranspose), fold only the scale and keep the
+    shift as one `Add(t / s)` before the consumers: returns (..., "partial").
     """
     if is_observable(graph, affine.y):
         raise Skip("output is a graph output")
@@ -129,7 +130,7 @@ def fold_forward(graph: gs.Graph, affine: Affine, names: NameScope, partial: boo
     try:
         updates = _plan_forward(graph, readers, affine, names)
         shift = None
-    except ShiftMeetsPadding as why:
+    except OnlyScaleFolds as why:
         if not partial:
             raise
         try:
@@ -240,7 +241,8 @@ def _conv_weight(graph, conv, affine, side: str):
     if w is None or w.ndim < 3:
         raise Skip(f"{conv.op} '{conv.name}' weight is not a constant of rank 3 or more")
     affine.check_axis(1, w.ndim, conv, side)
-    channels = w.shape[0] if (conv.op, side) == ("Conv", "output") else w.shape[1] * groups
+    channels = {("Conv", "output"): w.shape[0], ("ConvTranspose", "input"): w.shape[0]}.get((conv.op, side),
+                                                                                             w.shape[1] * groups)
     return (w, groups, *affine.vectors(channels, conv, side))
 
 
@@ -349,7 +351,7 @@ _BACKWARD = {
 def _forward_conv(graph, conv, affine, names):
     w, groups, s, t = _conv_weight(graph, conv, affine, "input")
     if pads_input(conv) and np.any(t != 0):
-        raise ShiftMeetsPadding(
+        raise OnlyScaleFolds(
             f"Conv '{conv.name}' zero-pads its input and {affine.what} shifts it (t != 0), so the fold "
             "would change the border values"
         )
@@ -359,6 +361,18 @@ def _forward_conv(graph, conv, affine, names):
     def update():
         _replace_weight(conv, 1, names, w, lambda values: affine_math.scale_conv_input(values, s, groups))
         _replace_bias(conv, 2, names, bias, b, w.dtype)
+
+    return update
+
+
+def _forward_conv_transpose(graph, conv, affine, names):
+    w, _, s, t = _conv_weight(graph, conv, affine, "input")
+    if np.any(t != 0):
+        raise OnlyScaleFolds(f"ConvTranspose '{conv.name}' spreads a shift of its input unevenly over its "
+                             f"output (borders, strides), so {affine.what}'s shift (t != 0) does not fold")
+
+    def update():
+        _replace_weight(conv, 1, names, w, lambda values: affine_math.scale_conv_transpose_input(values, s))
 
     return update
 
@@ -412,4 +426,5 @@ def _forward_matmul(graph, matmul, affine, names):
     return update
 
 
-_FORWARD = {"Conv": _forward_conv, "Gemm": _forward_gemm, "MatMul": _forward_matmul}
+_FORWARD = {"Conv": _forward_conv, "ConvTranspose": _forward_conv_transpose, "Gemm": _forward_gemm,
+            "MatMul": _forward_matmul}

@@ -107,6 +107,14 @@ def scale_conv_transpose_output(w, s, groups: int):
     return w * factors.reshape(factors.shape + (1,) * (w.ndim - 2))
 
 
+def scale_conv_transpose_input(w, s):
+    """The affine map followed by ConvTranspose `W[I, O/g, k...]`: input channel i
+    scales row `W[i]` (exact for the scale only: a ConvTranspose spreads a shift
+    unevenly)."""
+    w = np.asarray(w, dtype=np.float64)
+    return w * _along(s, 0, w.ndim)
+
+
 def _conv_input_factors(values, w_shape, groups: int):
     """Per-(o, i) factors for Conv weight `W[O, I/g, k...]`: input channel
     `c = g*(I/g) + i` of output o's group g."""

@@ -1,7 +1,7 @@
 """Fold inference BatchNormalization into neighbouring linear layers.
 
     backward:  Conv | ConvTranspose | Gemm | MatMul(+Add)  ->  BN     =>  layer'
-    forward:   BN  ->  Conv (unpadded or t = 0) | Gemm | MatMul   =>  layer'
+    forward:   BN  ->  Conv (unpadded or t = 0) | ConvTranspose (t = 0) | Gemm | MatMul   =>  layer'
 
 Each BN is read as the affine map `y = s ⊙ x + t` on axis 1 (`bn_math`) and
 folded by the affine-fold core (`affine_fold`). A BN that folds neither way is
