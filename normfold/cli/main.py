@@ -115,8 +115,8 @@ def fold_affine_command(model, output, inplace, direction, json_path, quiet):
     channel; operands in either order) and inference BatchNorm is composed
     into one y = a*x + t and folded where that is exact: backward into the
     Conv, ConvTranspose, Gemm or MatMul(+Add) producing its input (layer
-    scale), or forward into the Conv, Gemm or MatMul layers consuming its
-    output (input standardisation (x - mean) / std, min-max scaling). Before
+    scale), or forward into the Conv, ConvTranspose, Gemm or MatMul layers
+    consuming its output (input standardisation (x - mean) / std, min-max scaling). Before
     a Conv that zero-pads, or a ConvTranspose, only the scale folds and the
     shift stays as one Add ("partial"). Every chain left is listed with the reason. MODEL is
     never modified unless --inplace.
