@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import normfold
+from normfold.passes.registry import GRAPH_PASSES
 from tests.helpers.graphs import all_nodes, count_op
 from tests.helpers.norm_models import export
 from tests.helpers.zoo_models import ConvNeXtBlock
@@ -79,6 +80,22 @@ def assert_matches_pytorch(model: onnx.ModelProto, feeds, want, atol=1e-5):
         assert np.abs(got - want).max() <= atol * max(1.0, np.abs(want).max()), level
 
 
+def ort_optimized_ops(model: onnx.ModelProto) -> list[str]:
+    """The op types of `model` after onnxruntime's extended graph optimizations
+    (those that fuse GELU), with normfold's library registered."""
+    import tempfile
+
+    from normfold.ops.library import ops_library_path
+
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = f"{folder}/optimized.onnx"
+        options.register_custom_ops_library(ops_library_path())
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
 def constants_read(model: onnx.ModelProto) -> list[np.ndarray]:
     """Every constant tensor a node of `model` reads (initializers and Constant nodes)."""
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -120,6 +137,9 @@ def test_convnext_layer_scale_folds_into_the_last_layer(exporter, opset, conv_ml
     assert_matches_pytorch(folded, feeds, want)
     optimized, _ = normfold.optimize(model)
     assert not reads_gamma(optimized, block.gamma)
+    without = normfold.optimize(model, passes=tuple(p for p in GRAPH_PASSES if p != "fold-affine"))[0]
+    assert ort_optimized_ops(optimized).count("Erf") == ort_optimized_ops(without).count("Erf"), \
+        "onnxruntime fuses fewer GELUs after fold-affine"
     from normfold.verify.run import verify
 
     result = verify(optimized, block, inputs=feeds, atol=1e-5, rtol=1e-4)
