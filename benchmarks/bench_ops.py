@@ -203,7 +203,8 @@ def time_activation_case(name: str, threads: int, rounds: int) -> dict:
     op, params, attrs = ACTIVATION_CASES[name]
     rng = np.random.default_rng(0)
     c = ACTIVATION_SHAPE[1]
-    m = model(custom(op, list(params), **attrs), ACTIVATION_SHAPE, {k: rng.standard_normal(c).astype(np.float32) for k in params})
+    values = {k: rng.standard_normal(c).astype(np.float32) for k in params}
+    m = model(custom(op, list(params), **attrs), ACTIVATION_SHAPE, values)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
@@ -255,7 +256,8 @@ def activations(args) -> None:
 
 def write_activations(args, rows, started, load_before, load_after) -> None:
     """Replace (or add, before `## Notes`) the report's `## Fused activations` section."""
-    command = "python benchmarks/bench_ops.py --activations" + (f" --processes {args.processes}" if args.processes != 7 else "") \
+    command = "python benchmarks/bench_ops.py --activations" \
+        + (f" --processes {args.processes}" if args.processes != 7 else "") \
         + (f" --rounds {args.rounds}" if args.rounds != 40 else "")
     section = "\n".join([
         "## Fused activations", "",
