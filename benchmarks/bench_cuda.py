@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "custom_ops" / "build.sh"  # NORMFOLD_HARNESS=1: the CMake target normfold_cuda_harness
 DEFAULT_HARNESS = ROOT / "custom_ops" / "build" / "harness" / "libnormfold_cuda_harness.so"
 SOURCES = [ROOT / "custom_ops" / "CMakeLists.txt",
-           *(ROOT / "custom_ops" / "src" / f for f in ("cuda_kernels.cu", "cuda_kernels.h", "cuda_harness.cu", "activation.h"))]
+           *(ROOT / "custom_ops" / "src" / f
+             for f in ("cuda_kernels.cu", "cuda_kernels.h", "cuda_harness.cu", "activation.h"))]
 PATHS = {"auto": 0, "on_chip": 1, "two_pass": 2}
 
 
@@ -57,7 +58,8 @@ def ensure_harness(build: bool = True) -> tuple[Path | None, str]:
         if path.exists():  # sources look newer (e.g. copied to another machine) but nothing can rebuild: use it
             return path, ""
         return None, (f"nvcc not found and no prebuilt harness at {path.relative_to(ROOT)} "
-                      "(build it with `NORMFOLD_HARNESS=1 bash custom_ops/build.sh` where nvcc exists and carry that folder)")
+                      "(build it with `NORMFOLD_HARNESS=1 bash custom_ops/build.sh` where nvcc exists "
+                      "and carry that folder)")
     proc = build_harness(path.parent)
     if proc.returncode != 0:
         return None, f"building the CUDA harness failed: {(proc.stderr or proc.stdout).strip()[-2000:]}"

@@ -12,19 +12,29 @@ Python copy of the output):
   copy        numpy copy of the same bytes (np.copyto into a preallocated array): the memory floor
 Variants are timed in interleaved rounds (median), so load from other processes hits all alike.
 The header of the report gives the machine, the load average before and after, and whether the
-kernels ran their AVX2 loops (NORMFOLD_NO_AVX2=1 forces the baseline x86-64 loops). A section of the
-existing report from a line `## Notes` on is kept (hand-written caveats).
+kernels ran their AVX2 loops (NORMFOLD_NO_AVX2=1 forces the baseline x86-64 loops). The sections of the
+existing report from `## Fused activations` or `## Notes` on are kept.
+
+`--activations` measures instead what a fused activation costs: GroupNorm with and without SiLU and
+FilterResponseNorm with and without TLU at 8x128x64x64, each case in its own process (one session,
+`--processes` processes per case in rotating order, `--rounds` runs each), with the AVX2 and the
+baseline loops: CPU time of the kernel with 1 thread (the calling thread runs it, so other load on the
+machine does not count) and wall time with 2 threads. It rewrites only the report's
+`## Fused activations` section.
 
     python benchmarks/bench_ops.py [--rounds 40] [--only GroupNorm,RMS] [--out benchmarks/RESULTS_ops.md]
+    python benchmarks/bench_ops.py --activations [--processes 7] [--rounds 40]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +44,6 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi import _pybind_state
 
-_pybind_state.set_global_thread_pool_sizes(2, 1)  # before the first session creates the environment
 
 from normfold.ops.library import register_ops
 from normfold.ops.table import DOMAIN
@@ -179,12 +188,122 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores; kernels' loops: {'AVX2+FMA' if avx2 else 'baseline x86-64 (SSE2)'}"
 
 
+ACTIVATION_SHAPE = (8, 128, 64, 64)
+ACTIVATION_CASES = {  # name -> (op, parameter inputs, attributes); each pair differs only in its activation
+    "GroupNorm": ("GroupNorm", ("scale", "bias"), dict(num_groups=32)),
+    "GroupNorm+SiLU": ("GroupNorm", ("scale", "bias"), dict(num_groups=32, activation="silu")),
+    "FilterResponseNorm": ("FilterResponseNorm", ("gamma", "beta", "tau"), dict(use_tlu=0)),
+    "FilterResponseNorm+TLU": ("FilterResponseNorm", ("gamma", "beta", "tau"), dict(use_tlu=1)),
+}
+ACTIVATION_PAIRS = [("GroupNorm+SiLU", "GroupNorm"), ("FilterResponseNorm+TLU", "FilterResponseNorm")]
+
+
+def time_activation_case(name: str, threads: int, rounds: int) -> dict:
+    """Median ms of `rounds` runs of one ACTIVATION_CASES model in this process's only session:
+    wall time, and with 1 thread the calling thread's CPU time."""
+    op, params, attrs = ACTIVATION_CASES[name]
+    rng = np.random.default_rng(0)
+    c = ACTIVATION_SHAPE[1]
+    values = {k: rng.standard_normal(c).astype(np.float32) for k in params}
+    m = model(custom(op, list(params), **attrs), ACTIVATION_SHAPE, values)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    register_ops(options, "cpu")
+    s = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = (rng.standard_normal(ACTIVATION_SHAPE) + 0.5).astype(np.float32)
+    out = np.empty_like(x)
+    binding = s.io_binding()
+    binding.bind_cpu_input("X", x)
+    binding.bind_output("Y", "cpu", 0, np.float32, list(x.shape), out.ctypes.data)
+    for _ in range(3):
+        s.run_with_iobinding(binding)
+    wall, cpu = [], []
+    for _ in range(rounds):
+        w, c0 = time.perf_counter(), time.thread_time()
+        s.run_with_iobinding(binding)
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - w)
+    return {"wall": float(np.median(wall)) * 1e3, "cpu": float(np.median(cpu)) * 1e3 if threads == 1 else None}
+
+
+def activations(args) -> None:
+    """Each ACTIVATION_CASES case in its own process, both loop variants, 1 and 2 threads; writes the section."""
+    started, load_before = datetime.datetime.now(), os.getloadavg()
+    names = list(ACTIVATION_CASES)
+    results: dict = {}  # (loops, threads, name) -> per-process medians
+    for p in range(args.processes):
+        for loops in ("AVX2+FMA", "baseline"):
+            for threads in (1, 2):
+                for name in names[p % len(names):] + names[:p % len(names)]:  # rotate the order
+                    env = {**os.environ, "NORMFOLD_NO_AVX2": "1" if loops == "baseline" else "0"}
+                    cmd = [sys.executable, __file__, "--activation-case", name, "--threads", str(threads),
+                           "--rounds", str(args.rounds)]
+                    r = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
+                    results.setdefault((loops, threads, name), []).append(r["cpu"] if threads == 1 else r["wall"])
+        print(f"process round {p + 1}/{args.processes} done", file=sys.stderr, flush=True)
+    rows = []
+    for loops in ("AVX2+FMA", "baseline"):
+        for threads in (1, 2):
+            for fused, plain in ACTIVATION_PAIRS:
+                a, b = np.array(results[(loops, threads, fused)]), np.array(results[(loops, threads, plain)])
+                noise = [np.subtract(*np.percentile(v, [75, 25])) / np.median(v) for v in (a, b)]
+                ratio = float(np.median(a) / np.median(b))
+                rows.append(f"| {fused} / {plain} | {loops} | {threads} | {'CPU' if threads == 1 else 'wall'} "
+                            f"| {np.median(a):.2f} | {np.median(b):.2f} | {ratio:.2f}x | ±{sum(noise) * ratio:.2f} |")
+                print(rows[-1], flush=True)
+    write_activations(args, rows, started, load_before, os.getloadavg())
+
+
+def write_activations(args, rows, started, load_before, load_after) -> None:
+    """Replace (or add, before `## Notes`) the report's `## Fused activations` section."""
+    command = "python benchmarks/bench_ops.py --activations" \
+        + (f" --processes {args.processes}" if args.processes != 7 else "") \
+        + (f" --rounds {args.rounds}" if args.rounds != 40 else "")
+    section = "\n".join([
+        "## Fused activations", "",
+        f"Date: {started:%Y-%m-%d %H:%M}. Machine: {machine().split(';')[0]}; onnxruntime {ort.__version__}, fp32, "
+        f"{'x'.join(map(str, ACTIVATION_SHAPE))}.",
+        f"Command: `{command}`. Load average (1/5/15 min) before: {'/'.join(f'{v:.1f}' for v in load_before)}, "
+        f"after: {'/'.join(f'{v:.1f}' for v in load_after)}.", "",
+        f"Each case in its own process ({args.processes} processes per case, rotating order, {args.rounds} runs each, "
+        "one session per process). With 1 thread the time is the kernel's CPU time in the calling thread "
+        "(median per process, then median over processes), which load from other processes does not inflate; "
+        "with 2 threads it is wall time. `noise` = the sum of both cases' interquartile ranges / medians "
+        "over processes, times the ratio.", "",
+        "| fused / alone | loops | threads | time | fused ms | alone ms | ratio | noise |",
+        "|---|---|---|---|---|---|---|---|", *rows, "", ""])
+    old = args.out.read_text() if args.out.exists() else ""
+    if "\n## Fused activations" in old:
+        start = old.index("\n## Fused activations") + 1
+        end = old.find("\n## ", start)
+        new = old[:start] + section + (old[end + 1:] if end >= 0 else "")
+    elif "\n## Notes" in old:
+        start = old.index("\n## Notes") + 1
+        new = old[:start] + section + old[start:]
+    else:
+        new = old + "\n" + section
+    args.out.write_text(new)
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--only", default="", help="comma-separated substrings of op names to run (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS_ops.md")
+    parser.add_argument("--activations", action="store_true", help="measure the fused activations instead (see above)")
+    parser.add_argument("--processes", type=int, default=7, help="with --activations: processes per case")
+    parser.add_argument("--activation-case", choices=list(ACTIVATION_CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.activation_case:  # one case in this process: print its medians as JSON
+        print(json.dumps(time_activation_case(args.activation_case, args.threads, args.rounds)))
+        return
+    if args.activations:
+        activations(args)
+        return
+    _pybind_state.set_global_thread_pool_sizes(2, 1)  # before the first session creates the environment
     started, load_before = datetime.datetime.now(), os.getloadavg()
     rng = np.random.default_rng(1)
     rows, min_rows, best_ratio = [], [], {}
@@ -216,7 +335,8 @@ def main() -> None:
 
 def write(args, rows, min_rows, auto, started, load_before, load_after) -> None:
     old = args.out.read_text() if args.out.exists() else ""
-    notes = old[old.index("\n## Notes") + 1:] if "\n## Notes" in old else ""
+    kept = [old.index(h) for h in ("\n## Fused activations", "\n## Notes") if h in old]
+    notes = old[min(kept) + 1:] if kept else ""
     command = "python benchmarks/bench_ops.py" + (f" --rounds {args.rounds}" if args.rounds != 40 else "") \
         + (f" --only {shlex.quote(args.only)}" if args.only else "")
     lines = [

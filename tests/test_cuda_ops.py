@@ -4,7 +4,8 @@ Without a GPU only the builds are checked (the op library and the direct-call ha
 compile wherever nvcc exists, for the deployment architectures, and load). Two kinds
 of GPU tests, each skipping cleanly (with the reason) where it cannot run:
 - kernel tests through the direct-call harness (the CMake target `normfold_cuda_harness`,
-  built by `NORMFOLD_HARNESS=1 bash custom_ops/build.sh`; `bench_cuda.Harness`: ctypes + torch CUDA tensors, no onnxruntime-gpu needed):
+  built by `NORMFOLD_HARNESS=1 bash custom_ops/build.sh`; `bench_cuda.Harness`: ctypes +
+  torch CUDA tensors, no onnxruntime-gpu needed):
   every op, fp32/fp16/bf16, both kernel paths (on-chip single read and two-pass),
   the shape families of the CPU tests, odd sizes, misaligned views, large mean
   offsets, against PyTorch on the GPU in float64; launches on the caller's stream

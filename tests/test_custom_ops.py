@@ -282,6 +282,82 @@ def test_weight_norm_fp16(rng):
     assert_close(run("WeightNorm", dict(V=v, g=g), dtype=np.float16), ref_weight_norm(v, g), np.float16)
 
 
+# ---- the fused SiLU: accuracy over every float range, extremes included
+
+SILU_FLUSH = -88.37  # below, |SiLU(x)| < 4e-37 and the kernel returns -0 (custom_ops/src/activation_math.h)
+
+
+def silu_inputs() -> np.ndarray:
+    """A dense range, every power-of-two scale up to FLT_MAX, both signs, the cut-offs and the specials."""
+    f32 = np.finfo(np.float32)
+    dense = np.linspace(-100, 100, 400_001, dtype=np.float32)
+    scales = np.geomspace(float(f32.smallest_subnormal), float(f32.max), 60_000).astype(np.float32)
+    edges = np.array([0, f32.smallest_normal, 87.33, 87.34, 88.37, 88.38, 88.72, 88.73, 103.9, 104, 1e10, f32.max],
+                     np.float32)
+    edges = np.concatenate([edges, np.nextafter(edges[:-1], np.float32(np.inf)), np.nextafter(edges, np.float32(0))])
+    magnitudes = np.concatenate([dense, scales, edges])
+    return np.concatenate([magnitudes, -magnitudes, [np.nan]]).astype(np.float32)
+
+
+def silu_via_group_norm(values: np.ndarray, activation: str = "silu") -> np.ndarray:
+    """The kernel's SiLU of exactly `values` (and of +inf, -inf): one GroupNorm instance per channel of
+    X = [1, -1] (mean 0, variance 1, epsilon 0: normalized ±1), scale = value, bias = 0 (pre-activation
+    ±value, exact); +inf and -inf come from FLT_MAX ± FLT_MAX. Returns the activation of
+    [values, -values, +inf, -inf]."""
+    big = np.finfo(np.float32).max
+    scale = np.concatenate([values, [big, big]]).astype(np.float32)
+    bias = np.concatenate([np.zeros_like(values), [big, -big]]).astype(np.float32)
+    x = np.tile(np.array([1, -1], np.float32), (1, len(scale), 1))
+    y = run("GroupNorm", dict(X=x, scale=scale, bias=bias), dict(num_groups=len(scale), epsilon=0.0, activation=activation))
+    return np.concatenate([y[0, :-2, 0], y[0, :-2, 1], [y[0, -2, 0], y[0, -1, 1]]])
+
+
+def ref_silu(x: np.ndarray) -> np.ndarray:
+    """x / (1 + exp(-x)) in float64, with its limits at ±inf."""
+    x = x.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = x / (1 + np.exp(-x))
+    return np.where(x == -np.inf, -0.0, y)
+
+
+def test_silu_pre_activation_is_exact():
+    """The harness of the SiLU tests: with activation='none' the kernel returns exactly ±value and ±inf."""
+    v = silu_inputs()
+    y = silu_via_group_norm(v, activation="none")
+    expected = np.concatenate([v, -v, [np.inf, -np.inf]])
+    assert np.array_equal(y, expected, equal_nan=True)
+
+
+def test_silu_accuracy_against_float64():
+    v = silu_inputs()
+    x = np.concatenate([v, -v, [np.inf, -np.inf]]).astype(np.float32)
+    y, ref = silu_via_group_norm(v).astype(np.float64), ref_silu(x)
+    nan = np.isnan(x)
+    assert np.isnan(y[nan]).all(), "SiLU(NaN) must be NaN"
+    assert not np.isnan(y[~nan]).any(), f"NaN for inputs {x[~nan][np.isnan(y[~nan])][:5]}"
+    assert y[x == np.inf][0] == np.inf and y[x == -np.inf][0] == 0 and np.signbit(y[x == -np.inf][0])
+    flushed = x < np.float32(SILU_FLUSH)
+    assert np.all(y[flushed] == 0) and np.all(np.signbit(y[flushed])) and np.all(np.abs(ref[flushed]) < 4e-37)
+    kept = ~flushed & ~nan & np.isfinite(x)
+    err = np.abs(y[kept] - ref[kept])
+    allowed = 3e-7 * np.abs(ref[kept]) + 2.0 ** -149  # relative, and half the denormal step (results of tiny x)
+    worst = np.argmax(err - allowed)
+    assert np.all(err <= allowed), f"SiLU({x[kept][worst]!r}) = {y[kept][worst]!r}, float64 {ref[kept][worst]!r}"
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 128, 64, 64), 32), ((3, 20, 7, 9), 5), ((1, 64, 4001), 8)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_group_norm_silu_models_match_torch(shape, groups, dtype, rng):
+    """GN+SiLU (odd sizes: vector tails) against PyTorch in float64, and against PyTorch's own fp32 kernels."""
+    x = (rng.standard_normal(shape) * 4 + 2).astype(dtype)
+    scale, bias = (rng.standard_normal(shape[1]) * 3).astype(dtype), rng.standard_normal(shape[1]).astype(dtype)
+    y = run("GroupNorm", dict(X=x, scale=scale, bias=bias), dict(num_groups=groups, activation="silu"), dtype=dtype)
+    assert_close(y, ref_group_norm(x, scale, bias, groups, activation="silu"), dtype)
+    if dtype == np.float32:
+        torch32 = F.silu(F.group_norm(torch.from_numpy(x), groups, torch.from_numpy(scale), torch.from_numpy(bias)))
+        np.testing.assert_allclose(y, torch32.numpy(), rtol=1e-5, atol=1e-5)
+
+
 # ---- the AVX2 loops and the baseline x86-64 loops (NORMFOLD_NO_AVX2=1) give the same bits
 
 def loop_outputs() -> list[np.ndarray]:
@@ -299,6 +375,7 @@ def loop_outputs() -> list[np.ndarray]:
         run("LayerNorm", dict(X=x.astype(np.float64), scale=d.astype(np.float64), bias=d.astype(np.float64)), dtype=np.float64),
         run("LayerNorm", dict(X=x.astype(np.float16), scale=c.astype(np.float16), bias=c.astype(np.float16)),
             dict(channel_first=1), dtype=np.float16),
+        silu_via_group_norm(silu_inputs()),  # the SiLU polynomial over every range, NaN and infinities included
     ]
 
 
@@ -309,7 +386,7 @@ def test_avx2_and_baseline_loops_agree_bitwise(tmp_path):
                    cwd=Path(__file__).resolve().parents[1])
     baseline = np.load(out)
     for i, y in enumerate(loop_outputs()):
-        assert np.array_equal(baseline[f"arr_{i}"], y), f"output {i} differs between the AVX2 and the baseline loops"
+        assert baseline[f"arr_{i}"].tobytes() == y.tobytes(), f"output {i} differs between the AVX2 and the baseline loops"
 
 
 # ---- shapes only known at run time, empty tensors

@@ -1,8 +1,15 @@
-// The activations the CPU write pass fuses (activation.h names them), as functors the hot loops inline.
+// The activations the CPU write pass fuses (activation.h names them), as functors the hot loops
+// inline into their `#pragma omp simd` loops.
+//
+// SiLU in float: y = x / (1 + exp(-x)), with exp by range reduction and a degree-5 polynomial
+// (below), so the whole activation vectorises. Only + - × / and compares: with -ffp-contract=off
+// the baseline x86-64 and the AVX2+FMA loops give the same bits. Accuracy (tested against float64
+// over every float exponent): relative error ≤ 3e-7 for x ≥ -88.37; below, |SiLU(x)| < 4e-37 and
+// the result is -0, also for x = -inf (the limit); SiLU(+inf) = +inf, NaN stays NaN.
 #pragma once
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "dtype.h"
 
@@ -12,23 +19,47 @@ struct Identity {
   template <class A> A operator()(A v) const { return v; }
 };
 
-/// x·sigmoid(x) with a vectorisable exp (Cephes polynomial, ~2 ulp) for float.
-struct Silu {
-  static float exp_(float x) {
-    x = std::min(std::max(x, -87.3f), 88.7f);
-    const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return p * bits_to_float(uint32_t(int32_t(n) + 127) << 23);
+/// exp(-x) for -x in [kMin, kMax] (the caller clamps or discards the rest). -x = n·ln2 + t with n an
+/// integer and |t| ≤ ln2/2; exp(t) = 1 + t·p(t) with p of degree 4, minimax for the relative error on
+/// [-ln2/2 - 1e-5, ln2/2 + 1e-5] (fitted for normfold by Lawson's algorithm; 9.5e-8 with these float
+/// coefficients); 2^n is written into the exponent bits. Written in u = -t, so that -x is never formed
+/// (one instruction less per vector; the same bits as evaluating it in t).
+struct ExpMinus {
+  static constexpr float kMin = -87.33f;  // n ≥ -126: 2^n is a normal float
+  static constexpr float kMax = 88.37f;   // n ≤ 127
+
+  static float of(float x) {
+    constexpr float kMinusLog2e = -0x1.715476p+0f;
+    constexpr float kMagic = 0x1.8p23f + 127.f;  // adding it rounds to an integer, held in the low bits as n + 127
+    constexpr float kLn2Hi = 0x1.62e4p-1f;       // ln2 in 15 bits: n·kLn2Hi is exact for |n| < 512
+    constexpr float kLn2Lo = 0x1.7f7d1cp-20f;    // ln2 - kLn2Hi
+    constexpr float c1 = 0x1.fffff6p-1f, c2 = 0x1.fffdc6p-2f, c3 = 0x1.555a6ap-3f, c4 = 0x1.573a5cp-5f,
+                    c5 = 0x1.0fa830p-7f;
+    const float biased = x * kMinusLog2e + kMagic;
+    const float s = bits_to_float(float_to_bits(biased) << 23);  // 2^n
+    const float n = biased - kMagic;
+    const float u = (x + n * kLn2Hi) + n * kLn2Lo;  // -t: exact first step (Sterbenz), then the small correction
+    float p = c5;  // p(t) by Horner, each p·t + c written as c - p·u
+    p = c4 - p * u;
+    p = c3 - p * u;
+    p = c2 - p * u;
+    p = c1 - p * u;
+    return (1.f - u * p) * s;
   }
-  static double exp_(double x) { return std::exp(x); }
-  template <class A> A operator()(A v) const { return v / (A(1) + exp_(-v)); }
+};
+
+/// x·sigmoid(x) = x / (1 + exp(-x)).
+struct Silu {
+  static float silu(float v) {
+    // x is clamped from above only (a compare, so NaN passes through): below -kMax the result is
+    // replaced by -0 anyway, and clamping there would let the compiler compute x / (1 + exp(kMax))
+    // for every lane, whose denormal results cost a microcode assist each (measured 14x slower).
+    const float m = v > -ExpMinus::kMin ? -ExpMinus::kMin : v;
+    const float y = v / (1.f + ExpMinus::of(m));
+    return v < -ExpMinus::kMax ? -0.f : y;
+  }
+  static double silu(double v) { return v < -std::numeric_limits<double>::max() ? -0.0 : v / (1.0 + std::exp(-v)); }
+  template <class A> A operator()(A v) const { return silu(v); }
 };
 
 /// Thresholded linear unit max(x, tau) of Filter Response Normalization.
