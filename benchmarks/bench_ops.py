@@ -44,7 +44,6 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi import _pybind_state
 
-
 from normfold.ops.library import register_ops
 from normfold.ops.table import DOMAIN
 
