@@ -17,3 +17,4 @@ apt-get "${opts[@]}" -qq update >"$APT/log" 2>&1 || fail
 (cd "$APT" && rm -f libonnxruntime-dev_*.deb && apt-get "${opts[@]}" -qq download libonnxruntime-dev) >>"$APT/log" 2>&1 || fail
 dpkg -x "$APT"/libonnxruntime-dev_*.deb "$DEST" && [ -f "$DEST/usr/include/onnxruntime/onnxruntime_lite_custom_op.h" ] \
     || { echo "libonnxruntime-dev unpacked, but it has no usr/include/onnxruntime/onnxruntime_lite_custom_op.h" >&2; exit 1; }
+rm -rf "$APT/lists" "$APT/cache"  # 20 MB of package lists, not needed once unpacked
