@@ -8,7 +8,7 @@ For each case, in one run on one GPU, fp32 and fp16, timed with CUDA events arou
   torch       PyTorch's CUDA implementation of the same layer (native kernel where one exists)
 GB/s counts one read of X and one write of Y (parameters are negligible).
 
-    bash benchmarks/build_cuda_harness.sh      # once, where nvcc is; carry custom_ops/build/harness to the GPU
+    NORMFOLD_HARNESS=1 bash custom_ops/build.sh   # once, where nvcc is; carry custom_ops/build/harness to the GPU
     python benchmarks/bench_cuda.py [--reps 50] [--out benchmarks/out/cuda_results.md]
 
 The module also holds `Harness`, the ctypes wrapper over libnormfold_cuda_harness.so used by
@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILD_SCRIPT = ROOT / "benchmarks" / "build_cuda_harness.sh"
+BUILD_SCRIPT = ROOT / "custom_ops" / "build.sh"  # NORMFOLD_HARNESS=1: the CMake target normfold_cuda_harness
 DEFAULT_HARNESS = ROOT / "custom_ops" / "build" / "harness" / "libnormfold_cuda_harness.so"
-SOURCES = [ROOT / "custom_ops" / "src" / f for f in ("cuda_kernels.cu", "cuda_kernels.h", "cuda_harness.cu")]
+SOURCES = [ROOT / "custom_ops" / "CMakeLists.txt",
+           *(ROOT / "custom_ops" / "src" / f for f in ("cuda_kernels.cu", "cuda_kernels.h", "cuda_harness.cu", "activation.h"))]
 PATHS = {"auto": 0, "on_chip": 1, "two_pass": 2}
 
 
@@ -56,12 +57,22 @@ def ensure_harness(build: bool = True) -> tuple[Path | None, str]:
         if path.exists():  # sources look newer (e.g. copied to another machine) but nothing can rebuild: use it
             return path, ""
         return None, (f"nvcc not found and no prebuilt harness at {path.relative_to(ROOT)} "
-                      "(build it with benchmarks/build_cuda_harness.sh where nvcc exists and carry that folder)")
-    proc = subprocess.run(["bash", str(BUILD_SCRIPT), str(path.parent)], capture_output=True, text=True,
-                          env={**os.environ, "NVCC": nvcc_path()})
+                      "(build it with `NORMFOLD_HARNESS=1 bash custom_ops/build.sh` where nvcc exists and carry that folder)")
+    proc = build_harness(path.parent)
     if proc.returncode != 0:
         return None, f"building the CUDA harness failed: {(proc.stderr or proc.stdout).strip()[-2000:]}"
     return path, ""
+
+
+def build_harness(out_dir: Path, archs: str = "") -> subprocess.CompletedProcess:
+    """Build libnormfold_cuda_harness.so into out_dir (a CMake build folder) with custom_ops/build.sh;
+    `archs` ("80", "86 90") overrides the CUDA architectures (default: those of the op library)."""
+    env = {**os.environ, "NORMFOLD_HARNESS": "1", "NORMFOLD_HARNESS_DIR": str(out_dir)}
+    if nvcc_path():  # build.sh looks on PATH and in /usr/local/cuda/bin
+        env["PATH"] = f"{Path(nvcc_path()).parent}{os.pathsep}{env.get('PATH', '')}"
+    if archs:
+        env["NORMFOLD_CUDA_ARCHS"] = archs
+    return subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, env=env, timeout=1800)
 
 
 def _dtype_code(t: torch.Tensor) -> int:

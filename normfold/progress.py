@@ -62,6 +62,13 @@ class Progress:
                     delay=self.show_after, leave=False, unit="")
 
 
+    def bar(self, total: int, what: str, unit: str = ""):
+        """A progress bar over `total` units of work (a silent stand-in when not
+        enabled), shown at once: for work that is long by nature (data passes)."""
+        return tqdm(total=total, desc=f"normfold: {what}", unit=unit, file=self.stream, disable=not self.enabled,
+                    leave=False, dynamic_ncols=True)
+
+
 def progress_for(quiet: bool, to_stdout: bool) -> Progress:
     """The progress a command shows: on a terminal (or NORMFOLD_PROGRESS=1), never
     with -q or when its report goes to stdout."""

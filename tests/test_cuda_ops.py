@@ -3,8 +3,8 @@
 Without a GPU only the builds are checked (the op library and the direct-call harness
 compile wherever nvcc exists, for the deployment architectures, and load). Two kinds
 of GPU tests, each skipping cleanly (with the reason) where it cannot run:
-- kernel tests through the direct-call harness (`benchmarks/build_cuda_harness.sh`,
-  `bench_cuda.Harness`: ctypes + torch CUDA tensors, no onnxruntime-gpu needed):
+- kernel tests through the direct-call harness (the CMake target `normfold_cuda_harness`,
+  built by `NORMFOLD_HARNESS=1 bash custom_ops/build.sh`; `bench_cuda.Harness`: ctypes + torch CUDA tensors, no onnxruntime-gpu needed):
   every op, fp32/fp16/bf16, both kernel paths (on-chip single read and two-pass),
   the shape families of the CPU tests, odd sizes, misaligned views, large mean
   offsets, against PyTorch on the GPU in float64; launches on the caller's stream
@@ -14,9 +14,7 @@ of GPU tests, each skipping cleanly (with the reason) where it cannot run:
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -170,13 +168,13 @@ def test_cuda_kernels_never_allocate_synchronise_or_use_the_default_stream():
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA harness cannot be built here")
 def test_cuda_harness_builds_and_loads(tmp_path):
-    """benchmarks/build_cuda_harness.sh compiles (one architecture here, for speed) and the library loads;
+    """The harness target compiles (one architecture here, for speed) and the library loads;
     its argument checks and empty launches answer without touching a GPU."""
-    proc = subprocess.run(["bash", str(bench_cuda.BUILD_SCRIPT), str(tmp_path)], capture_output=True, text=True,
-                          env={**os.environ, "NORMFOLD_HARNESS_ARCHS": "80", "NVCC": str(NVCC)}, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = bench_cuda.build_harness(tmp_path, archs="80")
+    assert proc.returncode == 0, (proc.stderr + proc.stdout)[-3000:]
     lib = bench_cuda.Harness(tmp_path / "libnormfold_cuda_harness.so").lib
     assert lib.nf_row_norm(*[None] * 5, 2, 4, 1, 1, 1e-5, 1, 0, 7, 0, None) == b"bad dtype or path"
+    assert lib.nf_row_norm(*[None] * 5, 2, 4, 1, 1, 1e-5, 1, 3, 0, 0, None) == b"bad activation"
     assert lib.nf_row_norm(*[None] * 5, 0, 4, 1, 1, 1e-5, 1, 0, 0, 0, None) is None  # empty: nothing launched
     assert lib.nf_channel_norm(*[None] * 4, 0, 3, 5, 1e-5, 1, 2, None) is None
 

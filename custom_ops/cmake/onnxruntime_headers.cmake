@@ -6,6 +6,11 @@
 #      downloaded with a private apt configuration and unpacked in the build folder.
 # Otherwise configuring fails with one line saying which of the three to provide.
 # Sets NORMFOLD_ORT_API_VERSION (ORT_API_VERSION of those headers) and NORMFOLD_ORT_HEADERS_FROM.
+# NORMFOLD_HARNESS_ONLY=ON (build.sh's CUDA harness build, which needs no onnxruntime) skips all this.
+option(NORMFOLD_HARNESS_ONLY "configure for the CUDA harness alone: no onnxruntime headers needed" OFF)
+if(NORMFOLD_HARNESS_ONLY)
+  return()
+endif()
 option(NORMFOLD_FETCH_ORT_HEADERS "fetch onnxruntime's headers (Debian libonnxruntime-dev) when none are found" ON)
 set(_ort_header onnxruntime_lite_custom_op.h)
 set(_ort_choices "give their folder (ONNXRUNTIME_INCLUDE_DIR=... or -DORT_INCLUDE_DIR=...), install them on the system (e.g. apt-get install libonnxruntime-dev), or allow fetching them (NORMFOLD_FETCH_ORT_HEADERS=ON, needs apt-get, dpkg and access to Debian); NORMFOLD_NO_KERNELS=1 installs normfold without its kernels")

@@ -1,16 +1,22 @@
-// The hot loops of norm_common.h (namespace simd) compiled for baseline x86-64 and, on x86-64,
+// The hot loops of loops.h (namespace simd) compiled for baseline x86-64 and, on x86-64,
 // once more with AVX2 + FMA; loops<A>() picks the AVX2 copy once, when the CPU has it.
 // The library itself stays portable: only these functions use AVX2 instructions.
 #include <cstdlib>
+#include <string>
 
-#include "norm_common.h"
+#include "loops.h"
 
 namespace normfold {
 namespace {
 
 template <class A>
-constexpr Loops<A> kBaseline{simd::moments<A>, simd::sum_squares<A>, simd::affine<A>, simd::scale_shift<A>,
-                             simd::add<A>,     simd::add_centred<A>, simd::normalize<A>};
+constexpr Loops<A> kBaseline{.moments = simd::moments<A>,
+                             .sum_squares = simd::sum_squares<A>,
+                             .affine = simd::affine<A>,
+                             .scale_shift = simd::scale_shift<A>,
+                             .add = simd::add<A>,
+                             .add_centred = simd::add_centred<A>,
+                             .normalize = simd::normalize<A>};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AVX2 __attribute__((target("avx2,fma")))
@@ -19,7 +25,7 @@ template <class A>
 struct Avx2 {
   AVX2 static Moments moments(const A* x, int64_t n) { return simd::moments(x, n); }
   AVX2 static double sum_squares(const A* x, int64_t n) { return simd::sum_squares(x, n); }
-  AVX2 static void affine(const A* in, A* out, int64_t n, A shift, A a, A b, Act act, A tau) {
+  AVX2 static void affine(const A* in, A* out, int64_t n, A shift, A a, A b, Activation act, A tau) {
     simd::affine(in, out, n, shift, a, b, act, tau);
   }
   AVX2 static void scale_shift(const A* in, A* out, int64_t n, A shift, A r, A offset, const A* g, const A* b) {
@@ -32,7 +38,13 @@ struct Avx2 {
   AVX2 static void normalize(const A* in, A* out, int64_t n, const A* shift, const A* rstd, const A* offset, A g, A b) {
     simd::normalize(in, out, n, shift, rstd, offset, g, b);
   }
-  static constexpr Loops<A> table{moments, sum_squares, affine, scale_shift, add, add_centred, normalize};
+  static constexpr Loops<A> table{.moments = moments,
+                                  .sum_squares = sum_squares,
+                                  .affine = affine,
+                                  .scale_shift = scale_shift,
+                                  .add = add,
+                                  .add_centred = add_centred,
+                                  .normalize = normalize};
 };
 
 bool has_avx2() {

@@ -1,9 +1,11 @@
 // A C ABI over the CUDA launchers of cuda_kernels.h, for tests and benchmarks that call the kernels
-// directly (ctypes + torch CUDA tensors) without onnxruntime-gpu. Built by
-// benchmarks/build_cuda_harness.sh into libnormfold_cuda_harness.so; not part of the op library.
+// directly (ctypes + torch CUDA tensors) without onnxruntime-gpu. The CMake target
+// normfold_cuda_harness (`NORMFOLD_HARNESS=1 bash custom_ops/build.sh`) builds it into
+// custom_ops/build/harness/libnormfold_cuda_harness.so; it is not part of the op library.
 //
 // Pointers are device pointers, `stream` a cudaStream_t (torch: torch.cuda.current_stream().cuda_stream).
 // dtype: 0 float32, 1 float16, 2 bfloat16. path: 0 automatic, 1 on-chip, 2 two-pass.
+// activation: the values of normfold::Activation (0 none, 1 SiLU, 2 TLU).
 // Each launcher returns NULL, or an error message valid until the calling thread's next call.
 #include <string>
 
@@ -12,6 +14,7 @@
 namespace {
 
 using namespace normfold::cuda;
+using normfold::Activation;
 
 const char* result(std::string e) {
   thread_local std::string message;
@@ -20,6 +23,7 @@ const char* result(std::string e) {
 }
 
 bool bad(int dtype, int path) { return dtype < 0 || dtype > 2 || path < 0 || path > 2; }
+bool bad_activation(int a) { return a < int(Activation::kNone) || a > int(Activation::kTlu); }
 
 }  // namespace
 
@@ -32,7 +36,10 @@ __attribute__((visibility("default"))) const char* nf_row_norm(const void* x, co
                                                                void* stream) {
   if (bad(dtype, path)) return result("bad dtype or path");
   if (spatial <= 0 || period <= 0 || size % spatial) return result("bad spatial or period");
-  const RowNorm p{x, gamma, beta, tau, y, count, size, spatial, period, epsilon, centered != 0, activation};
+  if (bad_activation(activation)) return result("bad activation");
+  const RowNorm p{.x = x, .gamma = gamma, .beta = beta, .tau = tau, .y = y, .count = count, .size = size,
+                  .spatial = spatial, .period = period, .epsilon = epsilon, .centered = centered != 0,
+                  .activation = Activation(activation)};
   return result(row_norm(p, Dtype(dtype), stream, Path(path)));
 }
 

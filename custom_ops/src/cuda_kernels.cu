@@ -143,17 +143,17 @@ struct Affine {
   const T *gamma, *beta, *tau;  // may be null (tau only read for TLU)
   uint32_t first, spatial;
   float hi, lo, rstd;
-  int activation;
+  Activation activation;
 
   __device__ __forceinline__ float finish(float v, float a, float b, float t) const {
     v = ((v - hi) - lo) * a + b;
-    if (activation == 1) v = v / (1.f + __expf(-v));
-    else if (activation == 2) v = fmaxf(v, t);
+    if (activation == Activation::kSilu) v = v / (1.f + __expf(-v));
+    else if (activation == Activation::kTlu) v = fmaxf(v, t);
     return v;
   }
   __device__ __forceinline__ float at(float v, uint32_t c) const {
     return finish(v, rstd * (gamma ? to_f(gamma[c]) : 1.f), beta ? to_f(beta[c]) : 0.f,
-                  activation == 2 ? to_f(tau[c]) : 0.f);
+                  activation == Activation::kTlu ? to_f(tau[c]) : 0.f);
   }
 
   /// v = elements k .. k + N - 1 of the instance, normalized in place.
@@ -163,7 +163,7 @@ struct Affine {
       float g[N], b[N], t[N];
       load(gamma, first + k, g, 1.f);
       load(beta, first + k, b);
-      load(activation == 2 ? tau : static_cast<const T*>(nullptr), first + k, t);
+      load(activation == Activation::kTlu ? tau : static_cast<const T*>(nullptr), first + k, t);
 #pragma unroll
       for (uint32_t j = 0; j < N; ++j) v[j] = finish(v[j], rstd * g[j], b[j], t[j]);
       return;
@@ -171,7 +171,7 @@ struct Affine {
     uint32_t c = k / spatial, r = k - c * spatial;
     if (r + N <= spatial) {  // one channel: one parameter load for the whole pack
       const float a = rstd * (gamma ? to_f(gamma[first + c]) : 1.f), b = beta ? to_f(beta[first + c]) : 0.f;
-      const float t = activation == 2 ? to_f(tau[first + c]) : 0.f;
+      const float t = activation == Activation::kTlu ? to_f(tau[first + c]) : 0.f;
 #pragma unroll
       for (uint32_t j = 0; j < N; ++j) v[j] = finish(v[j], a, b, t);
       return;
@@ -213,10 +213,11 @@ struct RowArgs {
   uint32_t size, spatial, channels, period;  // channels = size / spatial per instance
   float epsilon, inv_n;                      // inv_n = 1/size (mean of squares) or 1 (WeightNorm: the L2 norm)
   bool centered;
-  int activation;
+  Activation activation;
 
   __device__ Affine<T> affine(float hi, float lo, float rstd) const {
-    return {gamma, beta, tau, (blockIdx.x % period) * channels, spatial, hi, lo, rstd, activation};
+    return {.gamma = gamma, .beta = beta, .tau = tau, .first = (blockIdx.x % period) * channels, .spatial = spatial,
+            .hi = hi, .lo = lo, .rstd = rstd, .activation = activation};
   }
 };
 
@@ -450,9 +451,11 @@ std::string rows(const RowNorm& p, float inv_n, Dtype dtype, void* stream, Path 
   const auto s = static_cast<cudaStream_t>(stream);
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
-    const RowArgs<T> a{static_cast<const T*>(p.x), static_cast<const T*>(p.gamma), static_cast<const T*>(p.beta),
-                       static_cast<const T*>(p.tau), static_cast<T*>(p.y), uint32_t(p.size), uint32_t(p.spatial),
-                       uint32_t(p.size / p.spatial), uint32_t(p.period), p.epsilon, inv_n, p.centered, p.activation};
+    const RowArgs<T> a{.x = static_cast<const T*>(p.x), .gamma = static_cast<const T*>(p.gamma),
+                       .beta = static_cast<const T*>(p.beta), .tau = static_cast<const T*>(p.tau),
+                       .y = static_cast<T*>(p.y), .size = uint32_t(p.size), .spatial = uint32_t(p.spatial),
+                       .channels = uint32_t(p.size / p.spatial), .period = uint32_t(p.period), .epsilon = p.epsilon,
+                       .inv_n = inv_n, .centered = p.centered, .activation = p.activation};
     if (on_chip) {
       if (allow_smem(row_on_chip<T>, bytes) != cudaSuccess) return;  // reported by last_error
       // ~2 packs per thread: enough threads to keep the copies and the writes in flight
@@ -474,7 +477,8 @@ std::string channel_norm(const void* x, const void* gamma, const void* beta, voi
                          float epsilon, Dtype dtype, void* stream, Path path) {
   if (n * s == 0 || c == 0) return "";
   if (s == 1)  // [N, C]: rows of C contiguous elements, a parameter per element
-    return row_norm(RowNorm{x, gamma, beta, nullptr, y, n, c, 1, 1, epsilon, true, 0}, dtype, stream, path);
+    return row_norm(RowNorm{.x = x, .gamma = gamma, .beta = beta, .y = y, .count = n, .size = c, .epsilon = epsilon},
+                    dtype, stream, path);
   if (c > INT32_MAX || s > INT32_MAX || n * s / 16 > INT32_MAX) return "tensor too large for the CUDA kernel";
   const bool fits = tile_bytes(c) <= smem_budget();
   if (path == Path::on_chip && !fits) return "C = " + std::to_string(c) + " channels do not fit in shared memory";
@@ -483,8 +487,9 @@ std::string channel_norm(const void* x, const void* gamma, const void* beta, voi
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
     const uint32_t tiles = uint32_t((s + kTile<T> - 1) / kTile<T>);
-    const ChanArgs<T> a{static_cast<const T*>(x), static_cast<const T*>(gamma), static_cast<const T*>(beta),
-                        static_cast<T*>(y), uint32_t(c), uint32_t(s), tiles, epsilon};
+    const ChanArgs<T> a{.x = static_cast<const T*>(x), .gamma = static_cast<const T*>(gamma),
+                        .beta = static_cast<const T*>(beta), .y = static_cast<T*>(y), .c = uint32_t(c),
+                        .s = uint32_t(s), .tiles = tiles, .epsilon = epsilon};
     if (on_chip) {
       if (allow_smem(channel_on_chip<T>, tile_bytes(c)) != cudaSuccess) return;  // reported by last_error
       channel_on_chip<T><<<unsigned(tiles * n), kTileThreads, size_t(tile_bytes(c)), st>>>(a);
@@ -502,8 +507,9 @@ std::string weight_norm(const void* v, const void* g, void* w, int64_t outer, in
                         void* stream) {
   if (outer * d * inner == 0) return "";
   if (outer == 1)  // dim = 0: d contiguous rows, w = g_j v / sqrt(sum v^2): an uncentred row norm without the 1/n
-    return rows(RowNorm{v, g, nullptr, nullptr, w, d, inner, inner, d, 0.f, false, 0}, 1.f, dtype, stream,
-                Path::automatic);
+    return rows(RowNorm{.x = v, .gamma = g, .y = w, .count = d, .size = inner, .spatial = inner, .period = d,
+                        .centered = false},
+                1.f, dtype, stream, Path::automatic);
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
     weight_norm_strided<T><<<unsigned(d), 256, 0, static_cast<cudaStream_t>(stream)>>>(

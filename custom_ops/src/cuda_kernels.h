@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <string>
 
+#include "activation.h"
+
 namespace normfold::cuda {
 
 enum class Dtype { f32, f16, bf16 };
@@ -16,14 +18,21 @@ enum class Path { automatic, on_chip, two_pass };
 
 /// `count` instances of `size` contiguous elements, normalized each on its own (GroupNorm, FRN,
 /// last-axes LayerNorm and RMSNorm). Element k of instance i uses parameter
-/// (i % period) * (size / spatial) + k / spatial.
+/// (i % period) * (size / spatial) + k / spatial. Fill it with designated initialisers; the
+/// defaults are a last-axes row norm (a parameter per element) without activation.
 struct RowNorm {
-  const void *x, *gamma, *beta, *tau;  // gamma/beta/tau may be null
-  void* y;
-  int64_t count, size, spatial, period;
-  float epsilon;
-  bool centered;     // subtract the mean (GroupNorm, LayerNorm) or not (RMSNorm, FRN)
-  int activation;    // 0 none, 1 SiLU, 2 TLU max(y, tau)
+  const void* x = nullptr;
+  const void* gamma = nullptr;  // null: scale 1
+  const void* beta = nullptr;   // null: shift 0
+  const void* tau = nullptr;    // TLU thresholds, read only with Activation::kTlu
+  void* y = nullptr;
+  int64_t count = 0;    // instances
+  int64_t size = 0;     // elements per instance
+  int64_t spatial = 1;  // consecutive elements sharing one parameter
+  int64_t period = 1;   // instance i uses parameter set i % period
+  float epsilon = 0.f;
+  bool centered = true;  // subtract the mean (GroupNorm, LayerNorm) or not (RMSNorm, FRN, WeightNorm)
+  Activation activation = Activation::kNone;
 };
 
 std::string row_norm(const RowNorm& p, Dtype dtype, void* stream);

@@ -4,64 +4,56 @@
 //                      scale/bias have prod(X.shape[axis:]) elements.
 //   channel_first = 1: X is N x C x spatial; normalize over C (axis 1) alone for every (n, position),
 //                      as ConvNeXt's LayerNorm2d; scale/bias have C elements. `axis`, if set, must be 1.
-#include "norm_common.h"
+#include <cmath>
+
+#include "loops.h"
+#include "ort_glue.h"
+#include "parallel.h"
 
 namespace normfold {
 namespace {
 
 struct LayerNormAttrs {
+  static constexpr const char* kName = "LayerNorm";
   int64_t axis;
   float epsilon;
   bool channel_first;
 
-  explicit LayerNormAttrs(const OrtKernelInfo* info)
-      : axis(attribute<int64_t>(info, "LayerNorm", "axis").value_or(-1)),
-        epsilon(attribute<float>(info, "LayerNorm", "epsilon").value_or(1e-5f)),
-        channel_first(attribute<int64_t>(info, "LayerNorm", "channel_first").value_or(0) != 0) {
-    if (epsilon < 0) fail("LayerNorm: epsilon must be >= 0");
-    if (channel_first && attribute<int64_t>(info, "LayerNorm", "axis").value_or(1) != 1)
-      fail("LayerNorm: with channel_first=1 the normalized axis is 1; axis=" + std::to_string(axis) + " contradicts it");
-  }
-
-  /// First normalized axis for an input of rank `rank` (the last-axes form), or -1 if out of range.
-  int64_t first_axis(size_t rank) const {
-    const int64_t a = axis < 0 ? axis + int64_t(rank) : axis;
-    return a >= 0 && a < int64_t(rank) ? a : -1;
+  explicit LayerNormAttrs(const Attributes& a)
+      : axis(a.get<int64_t>("axis").value_or(-1)),
+        epsilon(a.get<float>("epsilon").value_or(1e-5f)),
+        channel_first(a.get<int64_t>("channel_first").value_or(0) != 0) {
+    if (epsilon < 0) a.fail("epsilon must be >= 0");
+    if (channel_first && a.get<int64_t>("axis").value_or(1) != 1)
+      a.fail("with channel_first=1 the normalized axis is 1; axis=" + std::to_string(axis) + " contradicts it");
   }
 
   /// Elements each of scale and bias must have for input shape x (-1 when unknown).
-  int64_t param_count(const Shape& x) const { return channel_first ? x[1] : numel(x, size_t(first_axis(x.size()))); }
+  int64_t param_count(const Shape& x) const {
+    return channel_first ? x[1] : numel(x, size_t(normalized_axis(axis, x.size())));
+  }
 
-  /// "" or why these input shapes do not fit (unknown dims are not checked).
-  std::string check(const Shape& x, const Shape& scale, const std::optional<Shape>& bias) const {
-    if (channel_first && x.size() < 2) return "LayerNorm: channel_first=1 needs X of rank >= 2, got shape " + str(x);
-    if (!channel_first && first_axis(x.size()) < 0)
-      return "LayerNorm: axis=" + std::to_string(axis) + " is out of range for X of shape " + str(x);
-    const std::string e = check_count("LayerNorm", "scale", scale, param_count(x));
-    return e.empty() && bias ? check_count("LayerNorm", "bias", *bias, param_count(x)) : e;
+  std::string check(const InputShapes& in) const {
+    const Shape& x = in[0];
+    if (channel_first && x.size() < 2) return "channel_first=1 needs X of rank >= 2, got shape " + str(x);
+    if (!channel_first && normalized_axis(axis, x.size()) < 0)
+      return "axis=" + std::to_string(axis) + " is out of range for X of shape " + str(x);
+    const std::string e = check_count("scale", in[1], param_count(x));
+    const std::optional<Shape> bias = in.optional(2);
+    return e.empty() && bias ? check_count("bias", *bias, param_count(x)) : e;
   }
 };
 
 template <class T, bool kCuda>
-struct LayerNorm {
+struct LayerNorm : Kernel<LayerNormAttrs> {
+  using Kernel::Kernel;
   using A = Acc<T>;
   using Tensor = Ort::Custom::Tensor<T>;
-  LayerNormAttrs attrs;
-
-  LayerNorm(const OrtApi*, const OrtKernelInfo* info) : attrs(info) {
-    require_present_inputs(info, "LayerNorm");
-    if (auto x = static_shape(info, 0)) {
-      const std::string e = attrs.check(*x, static_shape(info, 1).value_or(Shape{-1}), static_shape(info, 2));
-      if (!e.empty()) fail(e);
-    }
-  }
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor& X, const Tensor& scale, std::optional<const Tensor*> bias,
                       Tensor& Y) {
+    if (auto e = check(X, scale, bias); !e.empty()) return status_of(e);
     const Shape& shape = X.Shape();
-    std::optional<Shape> bias_shape;
-    if (bias) bias_shape = (*bias)->Shape();
-    if (auto e = attrs.check(shape, scale.Shape(), bias_shape); !e.empty()) return status_of(e);
     const int64_t count = attrs.param_count(shape);
 #ifdef NORMFOLD_WITH_CUDA
     if constexpr (kCuda) {
@@ -70,8 +62,9 @@ struct LayerNorm {
       if (attrs.channel_first)
         return status_of(cuda::channel_norm(X.Data(), scale.Data(), beta, y, shape[0], shape[1], numel(shape, 2),
                                             attrs.epsilon, cuda_dtype<T>(), cuda_stream(ctx)));
-      const cuda::RowNorm p{X.Data(), scale.Data(), beta, nullptr, y, count ? numel(shape) / count : 0, count, 1, 1,
-                            attrs.epsilon, true, 0};
+      const cuda::RowNorm p{.x = X.Data(), .gamma = scale.Data(), .beta = beta, .y = y,
+                            .count = count ? numel(shape) / count : 0, .size = count, .epsilon = attrs.epsilon,
+                            .centered = true};
       return status_of(cuda::row_norm(p, cuda_dtype<T>(), cuda_stream(ctx)));
     }
 #endif
@@ -148,6 +141,6 @@ struct LayerNorm {
 
 }  // namespace
 
-void add_layer_norm(OpList& ops) { add_kernels<LayerNorm>(ops, "LayerNorm"); }
+void add_layer_norm(OpList& ops) { add_kernels<LayerNorm>(ops); }
 
 }  // namespace normfold

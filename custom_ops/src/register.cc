@@ -2,7 +2,7 @@
 // SessionOptions.register_custom_ops_library(path).
 #include <mutex>
 
-#include "norm_common.h"
+#include "ort_glue.h"
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {

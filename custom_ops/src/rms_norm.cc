@@ -3,29 +3,31 @@
 // of X's dtype (normfold's fuse pass always sets it). scale has prod(X.shape[axis:]) elements.
 #include <limits>
 
-#include "norm_common.h"
+#include <cmath>
+
+#include "loops.h"
+#include "ort_glue.h"
+#include "parallel.h"
 
 namespace normfold {
 namespace {
 
 struct RMSNormAttrs {
+  static constexpr const char* kName = "RMSNorm";
   int64_t axis;
   std::optional<float> epsilon;
 
-  explicit RMSNormAttrs(const OrtKernelInfo* info)
-      : axis(attribute<int64_t>(info, "RMSNorm", "axis").value_or(-1)), epsilon(attribute<float>(info, "RMSNorm", "epsilon")) {
-    if (epsilon && *epsilon < 0) fail("RMSNorm: epsilon must be >= 0");
+  explicit RMSNormAttrs(const Attributes& a)
+      : axis(a.get<int64_t>("axis").value_or(-1)), epsilon(a.get<float>("epsilon")) {
+    if (epsilon && *epsilon < 0) a.fail("epsilon must be >= 0");
   }
 
-  int64_t first_axis(size_t rank) const {
-    const int64_t a = axis < 0 ? axis + int64_t(rank) : axis;
-    return a >= 0 && a < int64_t(rank) ? a : -1;
-  }
-
-  /// "" or why these input shapes do not fit (unknown dims are not checked).
-  std::string check(const Shape& x, const std::optional<Shape>& scale) const {
-    if (first_axis(x.size()) < 0) return "RMSNorm: axis=" + std::to_string(axis) + " is out of range for X of shape " + str(x);
-    return scale ? check_count("RMSNorm", "scale", *scale, numel(x, size_t(first_axis(x.size())))) : "";
+  std::string check(const InputShapes& in) const {
+    const Shape& x = in[0];
+    const int64_t first = normalized_axis(axis, x.size());
+    if (first < 0) return "axis=" + std::to_string(axis) + " is out of range for X of shape " + str(x);
+    const std::optional<Shape> scale = in.optional(1);
+    return scale ? check_count("scale", *scale, numel(x, size_t(first))) : "";
   }
 };
 
@@ -38,30 +40,20 @@ double machine_epsilon() {
 }
 
 template <class T, bool kCuda>
-struct RMSNorm {
+struct RMSNorm : Kernel<RMSNormAttrs> {
+  using Kernel::Kernel;
   using A = Acc<T>;
   using Tensor = Ort::Custom::Tensor<T>;
-  RMSNormAttrs attrs;
-
-  RMSNorm(const OrtApi*, const OrtKernelInfo* info) : attrs(info) {
-    require_present_inputs(info, "RMSNorm");
-    if (auto x = static_shape(info, 0)) {
-      const std::string e = attrs.check(*x, static_shape(info, 1));
-      if (!e.empty()) fail(e);
-    }
-  }
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor& X, std::optional<const Tensor*> scale, Tensor& Y) {
+    if (auto e = check(X, scale); !e.empty()) return status_of(e);
     const Shape& shape = X.Shape();
-    std::optional<Shape> scale_shape;
-    if (scale) scale_shape = (*scale)->Shape();
-    if (auto e = attrs.check(shape, scale_shape); !e.empty()) return status_of(e);
-    const int64_t d = numel(shape, size_t(attrs.first_axis(shape.size())));
+    const int64_t d = numel(shape, size_t(normalized_axis(attrs.axis, shape.size())));
     const double epsilon = attrs.epsilon ? double(*attrs.epsilon) : machine_epsilon<T>();
 #ifdef NORMFOLD_WITH_CUDA
     if constexpr (kCuda) {
-      const cuda::RowNorm p{X.Data(), scale ? (*scale)->Data() : nullptr, nullptr, nullptr, Y.Allocate(shape),
-                            d ? numel(shape) / d : 0, d, 1, 1, float(epsilon), false, 0};
+      const cuda::RowNorm p{.x = X.Data(), .gamma = scale ? (*scale)->Data() : nullptr, .y = Y.Allocate(shape),
+                            .count = d ? numel(shape) / d : 0, .size = d, .epsilon = float(epsilon), .centered = false};
       return status_of(cuda::row_norm(p, cuda_dtype<T>(), cuda_stream(ctx)));
     }
 #endif
@@ -84,6 +76,6 @@ struct RMSNorm {
 
 }  // namespace
 
-void add_rms_norm(OpList& ops) { add_kernels<RMSNorm>(ops, "RMSNorm"); }
+void add_rms_norm(OpList& ops) { add_kernels<RMSNorm>(ops); }
 
 }  // namespace normfold

@@ -1,42 +1,39 @@
 // WeightNorm(V, g) -> W: torch weight normalization, w = g * v / ||v||, the 2-norm over every axis
 // of V but `dim`. Attribute: dim = 0 (0 <= dim < rank). g has V.shape[dim] elements (any shape,
 // e.g. [O, 1, 1, 1]).
-#include "norm_common.h"
+#include <cmath>
+
+#include "loops.h"
+#include "ort_glue.h"
+#include "parallel.h"
 
 namespace normfold {
 namespace {
 
 struct WeightNormAttrs {
+  static constexpr const char* kName = "WeightNorm";
   int64_t dim;
 
-  explicit WeightNormAttrs(const OrtKernelInfo* info) : dim(attribute<int64_t>(info, "WeightNorm", "dim").value_or(0)) {
-    if (dim < 0) fail("WeightNorm: dim must be >= 0 (the axis that keeps its own norm), got " + std::to_string(dim));
+  explicit WeightNormAttrs(const Attributes& a) : dim(a.get<int64_t>("dim").value_or(0)) {
+    if (dim < 0) a.fail("dim must be >= 0 (the axis that keeps its own norm), got " + std::to_string(dim));
   }
 
-  /// "" or why these input shapes do not fit (unknown dims are not checked).
-  std::string check(const Shape& v, const Shape& g) const {
-    if (dim >= int64_t(v.size())) return "WeightNorm: dim=" + std::to_string(dim) + " is out of range for V of shape " + str(v);
-    return check_count("WeightNorm", "g", g, v[size_t(dim)]);
+  std::string check(const InputShapes& in) const {
+    const Shape& v = in[0];
+    if (dim >= int64_t(v.size())) return "dim=" + std::to_string(dim) + " is out of range for V of shape " + str(v);
+    return check_count("g", in[1], v[size_t(dim)]);
   }
 };
 
 template <class T, bool kCuda>
-struct WeightNorm {
+struct WeightNorm : Kernel<WeightNormAttrs> {
+  using Kernel::Kernel;
   using A = Acc<T>;
   using Tensor = Ort::Custom::Tensor<T>;
-  WeightNormAttrs attrs;
-
-  WeightNorm(const OrtApi*, const OrtKernelInfo* info) : attrs(info) {
-    require_present_inputs(info, "WeightNorm");
-    if (auto v = static_shape(info, 0)) {
-      const std::string e = attrs.check(*v, static_shape(info, 1).value_or(Shape{-1}));
-      if (!e.empty()) fail(e);
-    }
-  }
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor& V, const Tensor& G, Tensor& W) {
+    if (auto e = check(V, G); !e.empty()) return status_of(e);
     const Shape& shape = V.Shape();
-    if (auto e = attrs.check(shape, G.Shape()); !e.empty()) return status_of(e);
     const size_t dim = size_t(attrs.dim);
     const int64_t outer = numel(shape, 0, dim), d = shape[dim], inner = numel(shape, dim + 1);
     const T *v = V.Data(), *g = G.Data();
@@ -63,6 +60,6 @@ struct WeightNorm {
 
 }  // namespace
 
-void add_weight_norm(OpList& ops) { add_kernels<WeightNorm>(ops, "WeightNorm"); }
+void add_weight_norm(OpList& ops) { add_kernels<WeightNorm>(ops); }
 
 }  // namespace normfold

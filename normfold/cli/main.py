@@ -222,7 +222,7 @@ def recalibrate_command(model, data, output, inplace, fold, json_path, quiet):
 
     out = output_path(model, output, inplace, ".recalibrated")
     progress = progress_for(quiet, json_path)
-    summary = recalibrate_file(model, out, inplace=inplace, data=data, fold=fold, progress=progress.enabled)
+    summary = recalibrate_file(model, out, inplace=inplace, data=data, fold=fold, progress=progress)
     _emit(summary, json_path, quiet, print_recalibration)
 
 
@@ -433,7 +433,8 @@ def inspect_command(model, json_path):
       normfold inspect model.fused.onnx
       normfold inspect model.fused.onnx --json -
     """
-    from normfold.tools.inspect import format_inspection, inspect_model
+    from normfold.cli.render import format_inspection
+    from normfold.tools.inspect import inspect_model
 
     report = inspect_model(model)
     if json_path is not None:

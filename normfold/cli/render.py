@@ -4,17 +4,21 @@ that prints them; the library returns data."""
 from __future__ import annotations
 
 import io
+import re
 
 from rich.console import Console
 from rich.table import Table
 
+from normfold.ops.table import DOMAIN
 from normfold.pipeline.files import RunSummary
+from normfold.report import Skip
 from normfold.tools.bench import BenchReport
 from normfold.tools.demo import FOLD_COLUMNS, FUSE_COLUMNS, DemoResult
 from normfold.tools.export import ExportResult
 from normfold.verify.report import VerifyReport
 
 console = Console()
+_QUOTED = re.compile(r"'[^']*'")  # a tensor or node name inside a reason
 
 
 def _size(n: int) -> str:
@@ -42,14 +46,26 @@ def print_summary(summary: RunSummary) -> None:
         for kind, n in sorted(report.counts().items()):
             console.print(f"  {n:4d} x {kind}")
         if report.skipped:
-            skipped = Table(show_header=True, header_style="bold")
-            skipped.add_column("left as is")
-            skipped.add_column("op")
-            skipped.add_column("reason")
-            for skip in report.skipped:
-                where = f"{skip.graph}/{skip.node}" if skip.graph else skip.node
-                skipped.add_row(where, skip.op, skip.reason)
-            console.print(skipped)
+            console.print(left_table(report.skipped))
+
+
+def left_table(skipped: list[Skip]) -> Table:
+    """What a pass left, grouped: one row per op and reason (the tensor and node
+    names in a reason replaced by '…'), with the count and the first node; --json
+    keeps every node."""
+    groups: dict[tuple[str, str], list[Skip]] = {}
+    for skip in skipped:
+        groups.setdefault((skip.op, _QUOTED.sub("'…'", skip.reason)), []).append(skip)
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("left as is", justify="right")
+    table.add_column("op")
+    table.add_column("reason")
+    table.add_column("first node" if any(len(g) > 1 for g in groups.values()) else "node")
+    for (op, reason), members in sorted(groups.items(), key=lambda item: -len(item[1])):
+        first = members[0]
+        where = f"{first.graph}/{first.node}" if first.graph else first.node
+        table.add_row(str(len(members)), op, reason if len(members) > 1 else first.reason, where)
+    return table
 
 
 def print_recalibration(summary: RunSummary) -> None:
@@ -177,3 +193,22 @@ def print_demo(result: DemoResult) -> None:
         console.print(f"[red]rewritten models differ from the originals (relative error {result.worst:.1e})[/]")
     else:
         console.print("all rewritten models match the originals (relative error <= 1e-5)")
+
+
+def format_inspection(report: dict) -> str:
+    """Human-readable form of `inspect_model`'s report."""
+    opsets = ", ".join(f"{d} {v}" for d, v in report["opsets"].items())
+    lines = [f"{report['model']}: IR {report['ir_version']}, opsets {opsets}, {report['nodes']} nodes",
+             "ops: " + ", ".join(f"{op} x{n}" for op, n in report["ops"].items())]
+    if report["normfold_ops"]:
+        lines.append(f"{DOMAIN} ops: {', '.join(report['normfold_ops'])}")
+    lines.append("functions: " + (", ".join(report["functions"]) or "none"))
+    if not report["normfold_ops"]:
+        lines.append("runs in any onnxruntime (no normfold ops)")
+    elif report["runs_without_library"]:
+        lines.append("portable: every normfold op carries its function body; runs with or without normfold's "
+                     "library")
+    else:
+        lines.append(f"needs normfold's library (normfold.ops_library_path()) for: "
+                     f"{', '.join(report['needs_library_for'])}; `normfold fuse --portable` adds the bodies")
+    return "\n".join(lines)

@@ -18,7 +18,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from normfold.errors import NormfoldError
-from normfold.io.inputs import Feeds, InputSpec, check_feeds
+from normfold.io.inputs import Feeds, InputSpec, check_feeds, read_npz, unreadable_npz
+
+ADVICE = "write each batch with numpy.savez"
 
 NPZ_SUFFIX = ".npz"
 
@@ -59,7 +61,7 @@ class CalibrationData:
                 yield f"calibration batch {i}", self._checked(feeds, f"calibration batch {i}")
             return
         for path in self.files:
-            yield str(path), self._checked(_load(path), str(path))
+            yield str(path), self._checked(read_npz(path, ADVICE), str(path))
 
     def _checked(self, feeds: Feeds, source: str) -> Feeds:
         """`feeds` matched to the model inputs (a single array is renamed to the
@@ -112,17 +114,5 @@ def _header_arrays(path: Path) -> Feeds:
                     shape, _, dtype = read(f)
                 arrays[name] = np.broadcast_to(np.zeros((), dtype), shape)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise _unreadable(path, exc) from exc
+        raise unreadable_npz(path, exc, ADVICE) from exc
     return arrays
-
-
-def _load(path: Path) -> Feeds:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise _unreadable(path, exc) from exc
-
-
-def _unreadable(path: Path, exc: Exception) -> NormfoldError:
-    return NormfoldError(f"{path}: not a readable .npz file ({exc}); write each batch with numpy.savez")

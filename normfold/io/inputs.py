@@ -167,13 +167,24 @@ def load_npz(path: str | os.PathLike, specs: list[InputSpec]) -> Feeds:
     path = Path(path)
     if not path.is_file():
         raise NormfoldError(f"{path}: no such file; --inputs takes an .npz file written with numpy.savez")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            feeds = {name: data[name] for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise NormfoldError(f"{path}: not a readable .npz file ({exc}); write it with numpy.savez") from exc
+    feeds = read_npz(path, "write it with numpy.savez")
     check_feeds(feeds, specs, str(path))
     return feeds
+
+
+def read_npz(path: Path, advice: str) -> Feeds:
+    """Every array of the `.npz` file `path`; a file numpy cannot read is one
+    NormfoldError ending with `advice`."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise unreadable_npz(path, exc, advice) from exc
+
+
+def unreadable_npz(path: Path, exc: Exception, advice: str) -> NormfoldError:
+    """The error for an `.npz` file that cannot be read."""
+    return NormfoldError(f"{path}: not a readable .npz file ({exc}); {advice}")
 
 
 def check_feeds(feeds: Feeds, specs: list[InputSpec], source: str = "inputs") -> None:

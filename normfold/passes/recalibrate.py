@@ -23,7 +23,6 @@ parameters or on a constant input are left as they are, with the reason.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 import numpy as np
 import onnx
@@ -44,6 +43,7 @@ from normfold.ir.verbs import (
     walk_graphs,
 )
 from normfold.passes.batchnorm import BN, Skip, inference_bn
+from normfold.progress import Progress
 from normfold.report import Change, PassReport
 
 MEAN, VAR = 3, 4  # input indices of BatchNormalization
@@ -133,12 +133,12 @@ class Layer:
         return self.node.inputs[0]
 
 
-def recalibrate_graph(graph: gs.Graph, data, *, progress: bool = False) -> RecalibrationReport:
+def recalibrate_graph(graph: gs.Graph, data, *, progress: Progress | None = None) -> RecalibrationReport:
     """Replace the mean/var of every inference BN of `graph` by the statistics of
     its input on `data` (AdaBN), in topological waves (see the module docstring).
 
     data: an `.npz` path, a folder of `.npz` files (one batch each), or a
-    sequence of {input name: array} dicts. progress: show a progress bar on stderr.
+    sequence of {input name: array} dicts. progress: where the bar over batches shows.
     """
     report = RecalibrationReport("recalibrate")
     layers = _layers(graph, report)
@@ -153,7 +153,7 @@ def recalibrate_graph(graph: gs.Graph, data, *, progress: bool = False) -> Recal
     report.waves = len(waves)
     initializers = {init.name: init for init in probe.graph.initializer}
     types = tensor_types(probe)
-    with _progress_bar(len(waves) * len(batches), progress) as bar:
+    with (progress or Progress()).bar(len(waves) * len(batches), "recalibrate", unit="batch") as bar:
         for number, wave in enumerate(waves, start=1):
             bar.set_postfix_str(f"wave {number}/{len(waves)}")
             _measure(probe, types, wave, batches, bar)
@@ -295,9 +295,3 @@ def _finite_max(values: np.ndarray) -> float | None:
     return top if np.isfinite(top) else None
 
 
-def _progress_bar(total: int, enabled: bool):
-    """A tqdm bar over batches on stderr (a silent stand-in when disabled)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="batch", desc="recalibrate", file=sys.stderr, disable=not enabled,
-                leave=False, dynamic_ncols=True)

@@ -44,7 +44,7 @@ class PassSpec:
 
 PASSES: dict[str, PassSpec] = {spec.name: spec for spec in (
     PassSpec("recalibrate", recalibrate_graph, "AdaBN: BatchNorm statistics re-estimated on target data",
-             {"data": None, "progress": False}, needs_data=True),
+             {"data": None, "progress": None}, needs_data=True),
     PassSpec("fold-wn", fold_weight_norm, "weight norm / standardisation / cosine-normalised weights computed "
              "offline, first, so that BatchNorm folds into constant weights", watched=WEIGHT_OPS),
     PassSpec("fold-bn", fold_bn, "BatchNorm folded into neighbouring Conv/ConvTranspose/Gemm/MatMul",

@@ -13,6 +13,7 @@ from normfold.errors import NormfoldError
 from normfold.passes.recalibrate import RecalibrationReport
 from normfold.passes.registry import GRAPH_PASSES, FUSE_FAMILIES, GraphPass, steps
 from normfold.pipeline.runner import combined, run_passes
+from normfold.progress import Progress
 from normfold.report import PassReport
 
 
@@ -70,7 +71,7 @@ def recalibrate(model: onnx.ModelProto, data, *, progress: bool = False
     BNs before it already recalibrated. Returns (new model, report); `model`
     is not modified. Fold afterwards with `normfold.fold_bn`.
     """
-    run = run_passes(model, steps(("recalibrate",), data=data, progress=progress))
+    run = run_passes(model, steps(("recalibrate",), data=data, progress=Progress(enabled=progress)))
     return run.model, run.reports[0]
 
 

@@ -81,10 +81,10 @@ def fold_wn_file(model_path: Path, out: Path, *, inplace: bool, portable: bool =
 
 
 def recalibrate_file(model_path: Path, out: Path, *, inplace: bool, data, fold: bool,
-                     progress: bool) -> RunSummary:
+                     progress: Progress | None = None) -> RunSummary:
     """`normfold recalibrate` on files: recalibrate, optionally fold, write atomically, summarise."""
     names = ("recalibrate", "fold-bn") if fold else ("recalibrate",)
-    return rewrite_file(model_path, out, inplace, names, {"data": data, "progress": progress})
+    return rewrite_file(model_path, out, inplace, names, {"data": data, "progress": progress}, progress=progress)
 
 
 def rewrite_file(model_path: Path, out: Path, inplace: bool, passes: tuple[str, ...], options: dict | None = None,
@@ -151,7 +151,7 @@ def optimize_file(model_path: Path, out: Path, *, inplace: bool, passes: tuple[s
 
     summary = rewrite_file(
         model_path, out, inplace, passes,
-        {"data": calibration, "progress": progress.enabled, "ops": FUSE_FAMILIES, "target": target},
+        {"data": calibration, "progress": progress, "ops": FUSE_FAMILIES, "target": target},
         portable=portable, reference=recalibrated,
         before_commit=verified if verify_options is not None else None, progress=progress,
     )

@@ -9,7 +9,6 @@ atomically through `normfold.io.model_io.save_model`; bad input writes nothing.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import os
 import tempfile
@@ -24,7 +23,7 @@ import onnx
 from normfold.errors import NormfoldError
 from normfold.io.inputs import parse_named_shapes, random_array
 from normfold.io.model_io import load_model, save_model
-from normfold.verify.references import build_module, import_torch, load_weights
+from normfold.verify.references import build_module, forward_signature, import_torch, load_weights
 from normfold.report import PassReport
 from normfold.verify.report import VerifyReport
 
@@ -157,20 +156,12 @@ def _example_spec(module, input_shapes) -> tuple[list[str], dict[str, str], dict
 
 
 def _forward_params(module) -> tuple[list[str], int]:
-    """Positional parameter names of forward and how many are required."""
-    try:
-        signature = inspect.signature(module.forward)
-    except (TypeError, ValueError):
+    """Positional parameter names of forward (*args as input_i, up to 8) and how many are required."""
+    signature = forward_signature(module)
+    if signature is None:
         return ["input"], 1
-    params, required = [], 0
-    for p in signature.parameters.values():
-        if p.kind == p.VAR_POSITIONAL:
-            params += [f"input_{i}" for i in range(len(params), 8)]
-            break
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            params.append(p.name)
-            required += p.default is p.empty
-    return params, required
+    names, required, any_number = signature
+    return names + ([f"input_{i}" for i in range(len(names), 8)] if any_number else []), required
 
 
 def _dtype(text: str, value: str) -> str:

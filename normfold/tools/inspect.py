@@ -28,22 +28,3 @@ def inspect_model(path: str | os.PathLike) -> dict:
         "runs_without_library": not without_body,
         "needs_library_for": without_body,
     }
-
-
-def format_inspection(report: dict) -> str:
-    """Human-readable form of `inspect_model`'s report."""
-    opsets = ", ".join(f"{d} {v}" for d, v in report["opsets"].items())
-    lines = [f"{report['model']}: IR {report['ir_version']}, opsets {opsets}, {report['nodes']} nodes",
-             "ops: " + ", ".join(f"{op} x{n}" for op, n in report["ops"].items())]
-    if report["normfold_ops"]:
-        lines.append(f"{DOMAIN} ops: {', '.join(report['normfold_ops'])}")
-    lines.append("functions: " + (", ".join(report["functions"]) or "none"))
-    if not report["normfold_ops"]:
-        lines.append("runs in any onnxruntime (no normfold ops)")
-    elif report["runs_without_library"]:
-        lines.append("portable: every normfold op carries its function body; runs with or without normfold's "
-                     "library")
-    else:
-        lines.append(f"needs normfold's library (normfold.ops_library_path()) for: "
-                     f"{', '.join(report['needs_library_for'])}; `normfold fuse --portable` adds the bodies")
-    return "\n".join(lines)

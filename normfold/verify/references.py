@@ -136,18 +136,29 @@ def forward_arity(module: Any) -> tuple[int, int | None]:
     if schema is not None:  # TorchScript: the first argument is self
         args = [a for a in schema.arguments[1:] if not a.kwarg_only]
         return sum(a.default_value is None for a in args), len(args)
+    signature = forward_signature(module)
+    if signature is None:
+        return 0, None
+    names, required, any_number = signature
+    return required, None if any_number else len(names)
+
+
+def forward_signature(module: Any) -> tuple[list[str], int, bool] | None:
+    """(positional parameter names, how many are required, whether it takes
+    *args) of `module`'s forward (of `module` itself if it has none), or None
+    when Python cannot tell."""
     try:
         signature = inspect.signature(module.forward if hasattr(module, "forward") else module)
     except (TypeError, ValueError):
-        return 0, None
-    low, high = 0, 0
+        return None
+    names, required = [], 0
     for param in signature.parameters.values():
         if param.kind == param.VAR_POSITIONAL:
-            return low, None
+            return names, required, True
         if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
-            high += 1
-            low += param.default is param.empty
-    return low, high
+            names.append(param.name)
+            required += param.default is param.empty
+    return names, required, False
 
 
 def flatten_outputs(result: Any) -> list[np.ndarray]:

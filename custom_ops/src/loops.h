@@ -1,0 +1,193 @@
+// The hot loops of the CPU kernels (statistics, the fused write pass with its activation, the
+// LayerNorm row and channel-first loops) and their typed entry points.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "activation.h"
+#include "activation_math.h"
+#include "dtype.h"
+#include "statistics.h"
+
+namespace normfold {
+
+// Every kernel spends its time in these loops. They are written once (namespace simd) and
+// compiled twice by cpu_loops.cc: for baseline x86-64 (SSE2) and with AVX2 (+FMA); `loops<A>()`
+// gives the variant this CPU runs. Sums run in kLanes independent lanes added in a fixed order,
+// so they vectorise without -ffast-math and give the same result on every CPU.
+
+template <class A>
+struct Loops {
+  Moments (*moments)(const A* x, int64_t n);    // centred statistics of x[0, n)
+  double (*sum_squares)(const A* x, int64_t n);  // Σx²
+  /// out = act((in - shift)·a + b)
+  void (*affine)(const A* in, A* out, int64_t n, A shift, A a, A b, Activation act, A tau);
+  /// out[k] = ((in[k] - shift)·r + offset)·g[k] (+ b[k] unless b is null): last-axes LayerNorm, RMSNorm
+  void (*scale_shift)(const A* in, A* out, int64_t n, A shift, A r, A offset, const A* g, const A* b);
+  // channel-first LayerNorm, per position k of a channel row:
+  void (*add)(A* sum, const A* row, int64_t n);                                    // sum += row
+  void (*add_centred)(A* dsum, A* sq, const A* row, const A* shift, int64_t n);   // Σd, Σd², d = row - shift
+  /// out = ((in - shift)·rstd + offset)·g + b
+  void (*normalize)(const A* in, A* out, int64_t n, const A* shift, const A* rstd, const A* offset, A g, A b);
+};
+template <class A>
+const Loops<A>& loops();  // instantiated for float and double in cpu_loops.cc
+extern template const Loops<float>& loops();
+extern template const Loops<double>& loops();
+
+namespace simd {
+#define NORMFOLD_LOOP inline __attribute__((always_inline))  // inlined into each ISA's copy
+
+template <class A>
+constexpr int64_t kLanes = 64 / sizeof(A);  // one cache line: 2 AVX / 4 SSE registers per sum
+
+/// Σ acc[0, kLanes), pairwise in a fixed order.
+template <class A>
+NORMFOLD_LOOP A total(A* acc) {
+#pragma GCC unroll 8
+  for (int64_t w = kLanes<A> / 2; w > 0; w /= 2)
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
+}
+
+/// Σ f(x[i]) over i in [0, n), in lanes.
+template <class A, class F>
+NORMFOLD_LOOP A sum(const A* x, int64_t n, F f) {
+  constexpr int64_t L = kLanes<A>;
+  A acc[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+#pragma omp simd
+    for (int64_t j = 0; j < L; ++j) acc[j] += f(x[i + j]);
+  A tail = 0;
+  for (; i < n; ++i) tail += f(x[i]);
+  return total(acc) + tail;
+}
+
+/// Mean and squared deviations of x[0, n ≤ kBlock): corrected two-pass over a block in L1,
+/// so a large mean (x + 1000) does not cancel the variance away.
+template <class A>
+NORMFOLD_LOOP Moments block_moments(const A* x, int64_t n) {
+  const A shift = sum(x, n, [](A v) { return v; }) / A(n);
+  constexpr int64_t L = kLanes<A>;
+  A ds[L] = {}, q[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+#pragma omp simd
+    for (int64_t j = 0; j < L; ++j) {
+      const A d = x[i + j] - shift;
+      ds[j] += d;
+      q[j] += d * d;
+    }
+  A ds_tail = 0, q_tail = 0;
+  for (; i < n; ++i) {
+    const A d = x[i] - shift;
+    ds_tail += d;
+    q_tail += d * d;
+  }
+  const double s = double(total(ds) + ds_tail), sq = double(total(q) + q_tail);
+  return {double(n), double(shift) + s / n, sq - s * s / n};
+}
+
+template <class A>
+NORMFOLD_LOOP Moments moments(const A* x, int64_t n) {
+  Moments m;
+  for (int64_t off = 0; off < n; off += kBlock) m.merge(block_moments(x + off, std::min(kBlock, n - off)));
+  return m;
+}
+
+template <class A>
+NORMFOLD_LOOP double sum_squares(const A* x, int64_t n) {
+  double s = 0;
+  for (int64_t off = 0; off < n; off += kBlock) s += sum(x + off, std::min(kBlock, n - off), [](A v) { return v * v; });
+  return s;
+}
+
+template <class A>
+NORMFOLD_LOOP void affine(const A* in, A* out, int64_t n, A shift, A a, A b, Activation act, A tau) {
+  auto apply = [&](auto f) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = f((in[i] - shift) * a + b);
+  };
+  if (act == Activation::kSilu) apply(Silu{});
+  else if (act == Activation::kTlu) apply(Tlu<A>{tau});
+  else apply(Identity{});
+}
+
+template <class A>
+NORMFOLD_LOOP void scale_shift(const A* in, A* out, int64_t n, A shift, A r, A offset, const A* g, const A* b) {
+  if (b) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = ((in[i] - shift) * r + offset) * g[i] + b[i];
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = ((in[i] - shift) * r + offset) * g[i];
+  }
+}
+
+template <class A>
+NORMFOLD_LOOP void add(A* sum, const A* row, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) sum[i] += row[i];
+}
+
+template <class A>
+NORMFOLD_LOOP void add_centred(A* dsum, A* sq, const A* row, const A* shift, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const A d = row[i] - shift[i];
+    dsum[i] += d;
+    sq[i] += d * d;
+  }
+}
+
+template <class A>
+NORMFOLD_LOOP void normalize(const A* in, A* out, int64_t n, const A* shift, const A* rstd, const A* offset, A g, A b) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = ((in[i] - shift[i]) * rstd[i] + offset[i]) * g + b;
+}
+}  // namespace simd
+
+// ---------------------------------------------------------------- typed entry points
+
+/// Centred statistics of x[0, n) for any storage type.
+template <class T>
+Moments moments(const T* x, int64_t n) {
+  using A = Acc<T>;
+  if constexpr (std::is_same_v<T, A>) {
+    return loops<A>().moments(x, n);
+  } else {
+    alignas(64) A buf[kBlock];
+    Moments m;
+    for (int64_t off = 0; off < n; off += kBlock) {
+      const int64_t len = std::min(kBlock, n - off);
+      m.merge(loops<A>().moments(as_acc(x + off, buf, len), len));
+    }
+    return m;
+  }
+}
+
+/// Uncentred statistics of x[0, n): mean = 0, m2 = Σx².
+template <class T>
+Moments squares(const T* x, int64_t n) {
+  using A = Acc<T>;
+  if constexpr (std::is_same_v<T, A>) return {double(n), 0.0, loops<A>().sum_squares(x, n)};
+  alignas(64) A buf[kBlock];
+  double total = 0;
+  for (int64_t off = 0; off < n; off += kBlock) {
+    const int64_t len = std::min(kBlock, n - off);
+    total += loops<A>().sum_squares(as_acc(x + off, buf, len), len);
+  }
+  return {double(n), 0.0, total};
+}
+
+/// y = act((x - shift)·a + b) over x[0, n): the fused write pass of per-channel normalizations.
+template <class T>
+void affine(const T* x, T* y, int64_t n, Acc<T> shift, Acc<T> a, Acc<T> b, Activation act = Activation::kNone,
+            Acc<T> tau = 0) {
+  const auto& L = loops<Acc<T>>();
+  map_blocks(x, y, n, [&](const Acc<T>* in, Acc<T>* out, int64_t len, int64_t) { L.affine(in, out, len, shift, a, b, act, tau); });
+}
+
+}  // namespace normfold
