@@ -46,6 +46,9 @@ def test_a_library_newer_than_onnxruntime_is_reported_incompatible(monkeypatch):
     report = doctor()
     assert report["onnxruntime_api"] == {"built": built, "runtime": built - 1, "compatible": False}
     assert f"NOT compatible (needs onnxruntime 1.{built} or newer)" in format_doctor(report)
+    monkeypatch.setattr(doctor_module, "_check_kernels", lambda library, provider: {"works": False, "error": "x"})
+    assert doctor()["advice"].startswith(f"upgrade onnxruntime to 1.{built} or newer, or rebuild against headers"
+                                         f" of onnxruntime 1.{built - 1} or older (ONNXRUNTIME_INCLUDE_DIR=...): ")
 
 
 def test_installation_is_the_editable_checkout():
@@ -62,7 +65,7 @@ def test_missing_library_advice_fits_the_installation(monkeypatch):
     text = format_doctor(report)
     assert "CPU kernels:    NOT AVAILABLE: not built" in text and f"to fix:         {report['advice']}" in text
     for install, expected in (({"kind": "directory", "source": "/src/normfold"}, "--force-reinstall /src/normfold"),
-                              ({"kind": "archive", "source": "file:///w/normfold.whl"}, "came from a wheel"),
+                              ({"kind": "archive", "source": "file:///w/normfold.whl"}, "came from a wheel or archive"),
                               ({"kind": "index", "source": None}, "pip wheel SOURCE")):
         monkeypatch.setattr(doctor_module, "_installation", lambda install=install: install)
         advice = doctor()["advice"]

@@ -67,17 +67,17 @@ def _advice(install: dict, report: dict) -> str | None:
     cpu, api = report["cpu_ops"], report["onnxruntime_api"]
     if cpu["works"]:
         return None
-    env = "with a C++ compiler and CMake, NORMFOLD_NO_KERNELS unset"
+    first, env = "", "with a C++ compiler and CMake, NORMFOLD_NO_KERNELS unset"
     if api["compatible"] is False:
-        env = (f"against headers of onnxruntime 1.{api['runtime']} or older (ONNXRUNTIME_INCLUDE_DIR=...),"
-               f" or upgrade onnxruntime to 1.{api['built']} or newer")
+        first = f"upgrade onnxruntime to 1.{api['built']} or newer, or "
+        env = f"against headers of onnxruntime 1.{api['runtime']} or older (ONNXRUNTIME_INCLUDE_DIR=...)"
     pip = f"{sys.executable} -m pip install --no-deps"
     if install["kind"] in ("editable", "source tree"):
-        return f"rebuild {env}: {pip} -e {install['source']}"
+        return f"{first}rebuild {env}: {pip} -e {install['source']}"
     if install["kind"] == "directory":
-        return f"reinstall {env}: {pip} --force-reinstall {install['source']}"
-    return (f"this normfold came from a wheel or archive without working kernels; reinstall it from normfold's"
-            f" source {env}: {pip} --force-reinstall SOURCE (or build a wheel: pip wheel SOURCE)")
+        return f"{first}reinstall {env}: {pip} --force-reinstall {install['source']}"
+    return (f"{first}reinstall normfold from its source {env} (this one came from a wheel or archive without"
+            f" working kernels): {pip} --force-reinstall SOURCE, or build a wheel: pip wheel SOURCE")
 
 
 def _probe_model() -> onnx.ModelProto:
