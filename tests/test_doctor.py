@@ -52,7 +52,12 @@ def test_a_library_newer_than_onnxruntime_is_reported_incompatible(monkeypatch):
 
 
 def test_installation_is_the_editable_checkout():
+    """setup.sh's editable install; its library lies in site-packages, so cleaning the tree's build
+    outputs (build/, normfold/_ops/) does not lose it."""
     assert doctor()["install"] == {"kind": "editable", "source": str(ROOT)}
+    library = Path(ops_library.ops_library_path()).resolve()
+    assert library.parent.parent.parent.name == "site-packages", library
+    assert not library.is_relative_to(ROOT / "build") and not library.is_relative_to(ROOT / "normfold")
 
 
 def test_missing_library_advice_fits_the_installation(monkeypatch):
