@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Set up normfold in ./.venv: Python packages (PyTorch CPU build included, for the
-# demo and the tests) and the onnxruntime custom-op library. Safe to re-run.
+# Set up normfold in ./.venv: PyTorch's CPU build (for the demo and the tests), then normfold in
+# editable mode with its test and benchmark extras; that install builds the onnxruntime custom-op
+# library (pip install, see README "Installation"). Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${NORMFOLD_TORCH_SPEC:-torch==2.13.0}
+export CMAKE_BUILD_PARALLEL_LEVEL=${NORMFOLD_BUILD_JOBS:-${CMAKE_BUILD_PARALLEL_LEVEL:-2}}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
@@ -24,8 +26,4 @@ pip_install --upgrade pip
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 pip_install "$TORCH_SPEC"
 pip_install -e ".[test,bench]"
-
-if [ -f custom_ops/build.sh ]; then
-    bash custom_ops/build.sh || echo "setup.sh: warning: the custom-op library was not built; 'normfold doctor' says why" >&2
-fi
-echo "setup.sh: normfold is set up in .venv (try .venv/bin/normfold --help)"
+echo "setup.sh: normfold is set up in .venv (try .venv/bin/normfold doctor)"

@@ -38,7 +38,7 @@ NVCC = shutil.which("nvcc") or (Path("/usr/local/cuda/bin/nvcc") if Path("/usr/l
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA library is not built here")
 def test_cuda_library_compiled_for_deployment_architectures():
     path = cuda_ops_library_path()
-    assert path is not None, "nvcc exists but libnormfold_ops_cuda.so was not built; see normfold/_ops/CUDA_BUILD_FAILED.txt"
+    assert path is not None, "nvcc exists but libnormfold_ops_cuda.so was not built; see normfold doctor"
     data = Path(path).read_bytes()
     for arch in (b"sm_80", b"sm_86", b"sm_89", b"sm_90"):
         assert arch in data, f"no {arch.decode()} code in {path}"

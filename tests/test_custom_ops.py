@@ -120,7 +120,7 @@ def assert_close(y: np.ndarray, ref: np.ndarray, dtype=np.float32) -> None:
 
 
 def test_library_is_built():
-    assert ops_library_path() is not None, "custom-op library not built; run: bash custom_ops/build.sh"
+    assert ops_library_path() is not None, "custom-op library not built; normfold doctor says how to build it"
 
 
 # ---- GroupNorm

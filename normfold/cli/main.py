@@ -292,11 +292,12 @@ def demo_command(keep):
 def doctor_command(json_path):
     """Show what normfold can use here: versions, custom-op kernels, providers.
 
-    Reports the onnxruntime custom-op libraries (com.normfold): whether the
-    CPU and CUDA kernels were built, whether they load and run, and why not
-    (the reason recorded by custom_ops/build.sh); and the onnxruntime
-    execution providers, listed and actually usable. Exits with 1 when the
-    CPU kernels are not available.
+    Reports how normfold was installed, the onnxruntime API version its
+    custom-op libraries (com.normfold) were built against and whether the
+    running onnxruntime serves it, whether the CPU and CUDA kernels were
+    built, load and run, and why not; the onnxruntime execution providers,
+    listed and actually usable; and what to run to fix missing kernels, for
+    this installation. Exits with 1 when the CPU kernels are not available.
 
     \b
     Example:
@@ -312,7 +313,7 @@ def doctor_command(json_path):
     if json_path is None or str(json_path) != "-":
         click.echo(format_doctor(report))
     if not report["cpu_ops"]["works"]:
-        raise CheckFailed("the custom-op CPU kernels are not available; rebuild with: bash custom_ops/build.sh")
+        raise CheckFailed(f"the custom-op CPU kernels are not available; {report['advice']}")
 
 
 from normfold.cli.options import data_options, provider_option, tolerance_options, weights_option  # noqa: E402

@@ -1,7 +1,8 @@
 """Where normfold's onnxruntime custom-op libraries live, and registering them.
 
-`custom_ops/build.sh` (run by the set-up command) builds two libraries into
-`normfold/_ops/`:
+Installing normfold (`pip install .`, `pip install -e .`, a wheel from
+`pip wheel .`) builds them with CMake (custom_ops/) into the installed
+package's `_ops/` folder:
 
 - `libnormfold_ops.so`: CPU kernels of the `com.normfold` ops;
 - `libnormfold_ops_cuda.so`: the same CPU kernels plus CUDA kernels (built
@@ -9,12 +10,18 @@
   CUDA libraries and needs only the driver when a CUDA kernel runs).
 
 Both register the whole domain, so a session registers exactly one of them.
-Until a library is built its path is None and sessions run without it; the
-reason it was not built is in `build_failure()`.
+The `_ops/` folder is looked for in every location of the `normfold` package
+(an editable install has two: the site-packages copy that holds the built
+libraries, and the source tree). Until a library is built its path is None
+and sessions run without it; why the CUDA one was not built is in
+`cuda_not_built_reason()`. Each library exports `NormfoldOrtApiVersion()`,
+the onnxruntime API version of the headers it was compiled against.
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import os
 from pathlib import Path
 
@@ -22,16 +29,26 @@ import onnxruntime as ort
 
 LIBRARY_NAME = "libnormfold_ops.so"
 CUDA_LIBRARY_NAME = "libnormfold_ops_cuda.so"
-OPS_DIR = Path(__file__).resolve().parents[1] / "_ops"  # normfold/_ops, where the build puts the libraries
-_FAILURE_NOTES = {"cpu": "BUILD_FAILED.txt", "cuda": "CUDA_BUILD_FAILED.txt"}
+CUDA_NOT_BUILT_NOTE = "CUDA_NOT_BUILT.txt"  # written by custom_ops/cmake/cuda.cmake
+
+
+def ops_dirs() -> list[Path]:
+    """The `_ops/` folders of every location of the normfold package, in import order."""
+    spec = importlib.util.find_spec("normfold")
+    locations = (spec.submodule_search_locations or []) if spec else []
+    return [Path(location) / "_ops" for location in locations]
+
+
+def _in_ops_dirs(name: str) -> Path | None:
+    return next((folder / name for folder in ops_dirs() if (folder / name).is_file()), None)
 
 
 def _find(override_variable: str, name: str) -> str | None:
     override = os.environ.get(override_variable)
     if override:
         return override if Path(override).is_file() else None
-    candidate = OPS_DIR / name
-    return str(candidate) if candidate.is_file() else None
+    found = _in_ops_dirs(name)
+    return None if found is None else str(found)
 
 
 def ops_library_path() -> str | None:
@@ -46,12 +63,25 @@ def cuda_ops_library_path() -> str | None:
     return _find("NORMFOLD_CUDA_OPS_LIBRARY", CUDA_LIBRARY_NAME)
 
 
-def build_failure(kind: str = "cpu") -> str | None:
-    """Why the `kind` ("cpu" or "cuda") library was not built, as build.sh recorded it, or None."""
-    note = OPS_DIR / _FAILURE_NOTES[kind]
-    if not note.is_file():
+def cuda_not_built_reason() -> str | None:
+    """Why the build left the CUDA library out (nvcc not found, turned off), as CMake recorded it, or None."""
+    note = _in_ops_dirs(CUDA_NOT_BUILT_NOTE)
+    return None if note is None else note.read_text().strip()
+
+
+def built_api_version(library: str) -> int | None:
+    """The onnxruntime API version (ORT_API_VERSION) `library` was compiled against, or None
+    when it cannot be loaded or does not say (a library built before normfold recorded it)."""
+    try:
+        return int(ctypes.CDLL(library).NormfoldOrtApiVersion())
+    except (OSError, AttributeError):
         return None
-    return note.read_text().strip() or "build failed (no reason recorded)"
+
+
+def runtime_api_version() -> int:
+    """The newest onnxruntime API version the running onnxruntime serves (its minor version:
+    onnxruntime 1.N serves API versions 1..N)."""
+    return int(ort.__version__.split(".")[1])
 
 
 def register_ops(options: ort.SessionOptions, provider: str = "cpu") -> bool:

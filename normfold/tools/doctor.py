@@ -1,16 +1,21 @@
 """`normfold doctor`: what normfold can use on this machine, and why not.
 
-Versions, the custom-op libraries (built? do their kernels run?), the reason
-recorded by `custom_ops/build.sh` when one was not built, and the onnxruntime
-execution providers (listed, and actually usable).
+Versions, how normfold was installed, the onnxruntime API version the
+custom-op libraries were built against and whether the running onnxruntime
+serves it, the libraries (built? do their kernels run?), why the CUDA one was
+not built, the onnxruntime execution providers (listed, and actually usable),
+and what to do when something is missing, fitted to the installation.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import json
 import platform
+import sys
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import onnx
@@ -18,7 +23,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from normfold import __version__
-from normfold.ops.library import build_failure, cuda_ops_library_path, ops_library_path
+from normfold.ops.library import (built_api_version, cuda_not_built_reason, cuda_ops_library_path, ops_dirs,
+                                  ops_library_path, runtime_api_version)
 from normfold.ops.table import DOMAIN
 
 
@@ -27,6 +33,51 @@ def _version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _installation() -> dict:
+    """How this normfold was installed: {"kind": ..., "source": path or URL or None}.
+
+    kind is "editable" or "directory" (pip install [-e] SOURCE; source is that folder),
+    "archive" (a wheel or sdist file), "index" (from a package index), or "source tree"
+    (imported from a checkout that was never installed)."""
+    try:
+        direct_url = importlib.metadata.distribution("normfold").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return {"kind": "source tree", "source": str(ops_dirs()[0].parents[1])}
+    if direct_url is None:
+        return {"kind": "index", "source": None}
+    origin = json.loads(direct_url)
+    if "dir_info" in origin:
+        kind = "editable" if origin["dir_info"].get("editable") else "directory"
+        return {"kind": kind, "source": unquote(urlparse(origin["url"]).path)}
+    return {"kind": "archive", "source": origin.get("url")}
+
+
+def _api(library: str | None) -> dict:
+    """The onnxruntime API version `library` was built against, the one onnxruntime serves, and
+    whether they fit (onnxruntime 1.N serves API versions up to N)."""
+    built = None if library is None else built_api_version(library)
+    runtime = runtime_api_version()
+    return {"built": built, "runtime": runtime, "compatible": None if built is None else built <= runtime}
+
+
+def _advice(install: dict, report: dict) -> str | None:
+    """What to run to get working CPU kernels, for this kind of installation; None when they work."""
+    cpu, api = report["cpu_ops"], report["onnxruntime_api"]
+    if cpu["works"]:
+        return None
+    first, env = "", "with a C++ compiler and CMake, NORMFOLD_NO_KERNELS unset"
+    if api["compatible"] is False:
+        first = f"upgrade onnxruntime to 1.{api['built']} or newer, or "
+        env = f"against headers of onnxruntime 1.{api['runtime']} or older (ONNXRUNTIME_INCLUDE_DIR=...)"
+    pip = f"{sys.executable} -m pip install --no-deps"
+    if install["kind"] in ("editable", "source tree"):
+        return f"{first}rebuild {env}: {pip} -e {install['source']}"
+    if install["kind"] == "directory":
+        return f"{first}reinstall {env}: {pip} --force-reinstall {install['source']}"
+    return (f"{first}reinstall normfold from its source {env} (this one came from a wheel or archive without"
+            f" working kernels): {pip} --force-reinstall SOURCE, or build a wheel: pip wheel SOURCE")
 
 
 def _probe_model() -> onnx.ModelProto:
@@ -103,35 +154,49 @@ def doctor() -> dict:
     cpu_path, cuda_path = ops_library_path(), cuda_ops_library_path()
     cuda_provider = _cuda_provider()
     cuda_kernels = _check_kernels(cuda_path, "CUDAExecutionProvider") if cuda_provider["usable"] and cuda_path else None
-    return {
+    install = _installation()
+    report = {
         "versions": {
             "normfold": __version__, "python": platform.python_version(), "onnx": onnx.__version__,
             "onnxruntime": ort.__version__, "torch": _version("torch"), "numpy": np.__version__,
         },
+        "install": install,
         "domain": DOMAIN,
-        "cpu_ops": {"library": cpu_path, "build_failure": build_failure("cpu"),
-                    **_check_kernels(cpu_path, "CPUExecutionProvider")},
-        "cuda_ops": {"library": cuda_path, "build_failure": build_failure("cuda"),
+        "onnxruntime_api": _api(cpu_path or cuda_path),
+        "cpu_ops": {"library": cpu_path, **_check_kernels(cpu_path, "CPUExecutionProvider")},
+        "cuda_ops": {"library": cuda_path, "not_built": cuda_not_built_reason(),
                      "loads": _check_kernels(cuda_path, "CPUExecutionProvider")["works"],
                      "runs_on_gpu": None if cuda_kernels is None else cuda_kernels["works"],
                      "gpu_error": None if cuda_kernels is None else cuda_kernels["error"]},
         "providers": ort.get_available_providers(),
         "cuda_provider": cuda_provider,
     }
+    report["advice"] = _advice(install, report)
+    return report
+
+
+def _api_line(api: dict) -> str:
+    runtime = f"onnxruntime {ort.__version__} serves up to {api['runtime']}"
+    if api["built"] is None:
+        return f"no library to read it from; {runtime}"
+    verdict = "compatible" if api["compatible"] else f"NOT compatible (needs onnxruntime 1.{api['built']} or newer)"
+    return f"libraries built against {api['built']}, {runtime}: {verdict}"
 
 
 def format_doctor(report: dict) -> str:
     """The report as the lines `normfold doctor` prints."""
     versions = ", ".join(f"{name} {version or 'not installed'}" for name, version in report["versions"].items())
     cpu, cuda, provider = report["cpu_ops"], report["cuda_ops"], report["cuda_provider"]
-    lines = [f"versions:       {versions}"]
+    install = report["install"]
+    lines = [f"versions:       {versions}",
+             f"installed:      {install['kind']}" + (f" ({install['source']})" if install["source"] else ""),
+             f"ORT API:        {_api_line(report['onnxruntime_api'])}"]
     if cpu["works"]:
         lines.append(f"CPU kernels:    ok ({cpu['library']})")
     else:
-        why = cpu["build_failure"] or cpu["error"]
-        lines.append(f"CPU kernels:    NOT AVAILABLE: {why} (rebuild with: bash custom_ops/build.sh)")
+        lines.append(f"CPU kernels:    NOT AVAILABLE: {cpu['error']}")
     if cuda["library"] is None:
-        lines.append(f"CUDA kernels:   not built: {cuda['build_failure'] or 'run bash custom_ops/build.sh'}")
+        lines.append(f"CUDA kernels:   not built: {cuda['not_built'] or 'no libnormfold_ops_cuda.so installed'}")
     elif cuda["runs_on_gpu"] is None:
         state = "built, loads" if cuda["loads"] else "built but does NOT load"
         lines.append(f"CUDA kernels:   {state}; not run (no usable CUDA provider) ({cuda['library']})")
@@ -140,4 +205,6 @@ def format_doctor(report: dict) -> str:
         lines.append(f"CUDA kernels:   {state} ({cuda['library']})")
     lines.append(f"providers:      {', '.join(report['providers'])}")
     lines.append("CUDA provider:  " + ("usable" if provider["usable"] else f"not usable: {provider['error']}"))
+    if report["advice"]:
+        lines.append(f"to fix:         {report['advice']}")
     return "\n".join(lines)
