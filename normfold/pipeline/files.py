@@ -129,7 +129,8 @@ def rewrite_file(model_path: Path, out: Path, inplace: bool, passes: tuple[str, 
     checker = DeployChecker(reference, check, progress) if check is not None else None
 
     def attempt(exclude: Exclusions, commit: bool):
-        run = run_passes(model, steps(passes, exclude=exclude, **options), portable=portable, detach=True, progress=progress)
+        run = run_passes(model, steps(passes, exclude=exclude, **options), portable=portable, detach=True,
+                         progress=progress)
         verification = None
         if checker is not None:
             try:
