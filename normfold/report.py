@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+# why a pass left a node it was told to exclude (a rewrite rolled back by the output check)
+EXCLUDED = "excluded: its rewrite was rolled back (see the output check)"
+
 
 @dataclass
 class Change:

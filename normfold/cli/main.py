@@ -14,8 +14,8 @@ from pathlib import Path
 import click
 
 from normfold import __version__
-from normfold.cli.options import (json_option, output_options, output_path, portable_option, progress_for, quiet_option,
-                           write_json)
+from normfold.cli.options import (check_from, check_options, configs_option, json_option, output_options, output_path,
+                                  portable_option, progress_for, quiet_option, write_json)
 from normfold.errors import EXIT_BAD_INPUT, NormfoldError
 from normfold.ops.table import FAMILIES, FAMILY_TITLES
 from normfold.passes.registry import PASS_ORDER
@@ -76,9 +76,10 @@ def main():
               help="backward: into the layer producing the BN input; forward: into the layers consuming its output.")
 @click.option("--standalone", type=click.Choice(["keep", "affine"]), default="keep", show_default=True,
               help="What to do with a BN that cannot be folded: keep it, or rewrite it as Mul+Add.")
+@check_options()
 @json_option
 @quiet_option
-def fold_bn_command(model, output, inplace, direction, standalone, json_path, quiet):
+def fold_bn_command(model, output, inplace, direction, standalone, shapes, check, configs, json_path, quiet):
     """Fold inference BatchNormalization into neighbouring linear layers.
 
     Every BN whose fold is exact is folded: backward into a Conv, ConvTranspose,
@@ -96,8 +97,8 @@ def fold_bn_command(model, output, inplace, direction, standalone, json_path, qu
 
     out = output_path(model, output, inplace, ".folded")
     summary = fold_bn_file(model, out, inplace=inplace, direction=direction, standalone=standalone,
-                           progress=progress_for(quiet, json_path))
-    _emit(summary, json_path, quiet)
+                           check=check_from(check, configs, shapes=shapes), progress=progress_for(quiet, json_path))
+    _emit_written(summary, json_path, quiet)
 
 
 @main.command("fold-affine")
@@ -106,9 +107,10 @@ def fold_bn_command(model, output, inplace, direction, standalone, json_path, qu
 @click.option("--direction", type=click.Choice(["both", "backward", "forward"]), default="both", show_default=True,
               help="backward: into the layer producing the chain's input; forward: into the layers consuming "
                    "its output.")
+@check_options()
 @json_option
 @quiet_option
-def fold_affine_command(model, output, inplace, direction, json_path, quiet):
+def fold_affine_command(model, output, inplace, direction, shapes, check, configs, json_path, quiet):
     """Fold per-channel Mul/Div/Add/Sub chains by constants into linear layers.
 
     A chain of Mul, Div, Add, Sub by constants (scalar or one value per
@@ -130,8 +132,8 @@ def fold_affine_command(model, output, inplace, direction, json_path, quiet):
 
     out = output_path(model, output, inplace, ".folded")
     summary = fold_affine_file(model, out, inplace=inplace, direction=direction,
-                               progress=progress_for(quiet, json_path))
-    _emit(summary, json_path, quiet)
+                               check=check_from(check, configs, shapes=shapes), progress=progress_for(quiet, json_path))
+    _emit_written(summary, json_path, quiet)
 
 
 @main.command("fuse")
@@ -147,9 +149,10 @@ def fold_affine_command(model, output, inplace, direction, json_path, quiet):
                    "onnxruntime (custom GroupNorm, channel-first LayerNorm and FRN; standard LayerNorm and "
                    "RMSNorm where the opset has them, else custom).")
 @portable_option
+@check_options()
 @json_option
 @quiet_option
-def fuse_command(model, output, inplace, ops, target, portable, json_path, quiet):
+def fuse_command(model, output, inplace, ops, target, portable, shapes, check, configs, json_path, quiet):
     """Replace normalization subgraphs with one op each.
 
     Finds what the PyTorch exporters emit for GroupNorm (+SiLU), LayerNorm
@@ -177,17 +180,18 @@ def fuse_command(model, output, inplace, ops, target, portable, json_path, quiet
                                  f"{', '.join(FAMILIES)}", param_hint="--ops")
     out = output_path(model, output, inplace, ".fused")
     summary = fuse_file(model, out, inplace=inplace, ops=kinds, target=target, portable=portable,
-                        progress=progress_for(quiet, json_path))
-    _emit(summary, json_path, quiet)
+                        check=check_from(check, configs, shapes=shapes), progress=progress_for(quiet, json_path))
+    _emit_written(summary, json_path, quiet)
 
 
 @main.command("fold-wn")
 @click.argument("model", type=click.Path(path_type=Path))
 @output_options(".wnfolded")
 @portable_option
+@check_options()
 @json_option
 @quiet_option
-def fold_wn_command(model, output, inplace, portable, json_path, quiet):
+def fold_wn_command(model, output, inplace, portable, shapes, check, configs, json_path, quiet):
     """Compute weight norm, weight standardisation and cosine-normalised weights offline.
 
     A Conv/ConvTranspose/Gemm/MatMul weight computed from constants by weight
@@ -204,8 +208,9 @@ def fold_wn_command(model, output, inplace, portable, json_path, quiet):
     from normfold.pipeline.files import fold_wn_file
 
     out = output_path(model, output, inplace, ".wnfolded")
-    summary = fold_wn_file(model, out, inplace=inplace, portable=portable, progress=progress_for(quiet, json_path))
-    _emit(summary, json_path, quiet)
+    summary = fold_wn_file(model, out, inplace=inplace, portable=portable,
+                           check=check_from(check, configs, shapes=shapes), progress=progress_for(quiet, json_path))
+    _emit_written(summary, json_path, quiet)
 
 
 def _emit(summary, json_path: Path | None, quiet: bool, render=None) -> None:
@@ -219,6 +224,16 @@ def _emit(summary, json_path: Path | None, quiet: bool, render=None) -> None:
         render(summary)
 
 
+def _emit_written(summary, json_path: Path | None, quiet: bool, render=None) -> None:
+    """`_emit`, then CheckFailed when the output check refused the result (nothing written)."""
+    from normfold.errors import CheckFailed
+
+    _emit(summary, json_path, quiet, render)
+    if not summary.written:
+        raise CheckFailed(f"the output check failed: {summary.verification.verdict()}; {summary.output} was not "
+                          "written (--no-check writes it unchecked)")
+
+
 @main.command("recalibrate")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path), metavar="CALIB",
@@ -227,9 +242,10 @@ def _emit(summary, json_path: Path | None, quiet: bool, render=None) -> None:
                    "dtypes and ranks.")
 @output_options(".recalibrated")
 @click.option("--fold", is_flag=True, help="Then fold the recalibrated BatchNorm (as fold-bn does).")
+@check_options()
 @json_option
 @quiet_option
-def recalibrate_command(model, data, output, inplace, fold, json_path, quiet):
+def recalibrate_command(model, data, output, inplace, fold, shapes, check, configs, json_path, quiet):
     """Re-estimate BatchNorm statistics on target-domain data (AdaBN).
 
     Replaces the mean/var of every inference BatchNormalization with the exact
@@ -256,8 +272,9 @@ def recalibrate_command(model, data, output, inplace, fold, json_path, quiet):
 
     out = output_path(model, output, inplace, ".recalibrated")
     progress = progress_for(quiet, json_path)
-    summary = recalibrate_file(model, out, inplace=inplace, data=data, fold=fold, progress=progress)
-    _emit(summary, json_path, quiet, print_recalibration)
+    summary = recalibrate_file(model, out, inplace=inplace, data=data, fold=fold, progress=progress,
+                               check=check_from(check, configs, shapes=shapes))
+    _emit_written(summary, json_path, quiet, print_recalibration)
 
 
 @main.command("demo")
@@ -328,20 +345,23 @@ from normfold.cli.options import data_options, provider_option, tolerance_option
 @data_options
 @tolerance_options
 @provider_option
+@configs_option
 @click.option("--localize", is_flag=True,
               help="Also report the first node (ONNX reference) or module (PyTorch reference) whose "
                    "output diverges.")
 @json_option
 @quiet_option
 def verify_command(candidate, reference, weights, shapes, inputs_path, seed, samples, atol, rtol, provider,
-                   localize, json_path, quiet):
+                   configs, localize, json_path, quiet):
     """Check that CANDIDATE computes what a reference model computes.
 
     Runs both on the same inputs (generated, or --inputs) and compares every
     output: max abs/rel error, mean abs error, cosine similarity, share of
     elements outside tolerance, NaN/Inf. Outputs are matched by name, or by
-    position when the names differ. Exit 0: equivalent; 1: mismatch; 2: bad
-    usage or input.
+    position when the names differ. The candidate runs in each deployment
+    configuration (--configs: normfold's library registered or not,
+    ORT_DISABLE_ALL or ORT_ENABLE_ALL) and must match in all. Exit 0:
+    equivalent; 1: mismatch; 2: bad usage or input.
 
     \b
     Example:
@@ -350,10 +370,12 @@ def verify_command(candidate, reference, weights, shapes, inputs_path, seed, sam
           --shape images=8x3x224x224 --samples 4 --json verify.json
     """
     from normfold.cli.render import print_report
+    from normfold.runtime.session import parse_configurations
     from normfold.verify.run import verify
 
     report = verify(candidate, reference, weights=weights, inputs=inputs_path, shapes=list(shapes), seed=seed,
-                    samples=samples, atol=atol, rtol=rtol, provider=provider, localize=localize,
+                    samples=samples, atol=atol, rtol=rtol, provider=provider,
+                    configurations=parse_configurations(configs), localize=localize,
                     progress=progress_for(quiet, json_path))
     _emit_checked(report, print_report, json_path, quiet)
 
@@ -410,15 +432,17 @@ def bench_command(model, other, shapes, inputs_path, seed, samples, provider, th
 @click.option("--target", type=click.Choice(["auto", "custom", "standard"]), default="auto", show_default=True,
               help="What fused norms become (see `normfold fuse --help`).")
 @portable_option
-@click.option("--verify/--no-verify", "check", default=True, show_default=True,
-              help="Verify the written model against MODEL (after recalibration: against the recalibrated "
-                   "model) and refuse to write it if they differ.")
+@click.option("--check/--no-check", "--verify/--no-verify", "check", default=True, show_default=True,
+              help="Before writing, run the result in onnxruntime in every configuration (see --configs) on "
+                   "the same inputs as MODEL (after recalibration: the recalibrated model) and compare; roll "
+                   "back the rewrites that break it, and write nothing if it still fails.")
+@configs_option
 @data_options
 @tolerance_options
 @json_option
 @quiet_option
-def optimize_command(model, output, inplace, pass_names, calibration, target, portable, check, shapes, inputs_path,
-                     seed, samples, atol, rtol, json_path, quiet):
+def optimize_command(model, output, inplace, pass_names, calibration, target, portable, check, configs, shapes,
+                     inputs_path, seed, samples, atol, rtol, json_path, quiet):
     """Run every normfold pass, then prove the result equivalent.
 
     Passes, in this order: recalibrate (with --data), fold-wn (weights computed
@@ -427,8 +451,10 @@ def optimize_command(model, output, inplace, pass_names, calibration, target, po
     Mul/Div/Add/Sub chains and BN left by fold-bn), cleanup (Identity,
     inference Dropout, dead nodes). The result is written to a staging file,
     run in onnxruntime against MODEL on the same inputs (generated, or
-    --inputs), and moved into place only if every output matches: exit 1 and
-    nothing written otherwise. MODEL is never modified unless --inplace.
+    --inputs) in every deployment configuration (--configs), and moved into
+    place only if every output matches; rewrites that break it are rolled
+    back and listed with the reason; exit 1 and nothing written if it still
+    fails. MODEL is never modified unless --inplace.
 
     \b
     Example:
@@ -437,20 +463,17 @@ def optimize_command(model, output, inplace, pass_names, calibration, target, po
       normfold optimize resnet.onnx --data target_batches/ --passes recalibrate,fold-bn
     """
     from normfold.cli.render import print_optimized
-    from normfold.errors import CheckFailed
     from normfold.passes.registry import parse_passes
     from normfold.pipeline.files import optimize_file
 
     passes = parse_passes(pass_names, with_data=calibration is not None)
     out = output_path(model, output, inplace, ".optimized")
-    verify_options = dict(inputs=inputs_path, shapes=list(shapes), seed=seed, samples=samples, atol=atol,
-                          rtol=rtol) if check else None
     summary = optimize_file(model, out, inplace=inplace, passes=passes, target=target, portable=portable,
-                            calibration=calibration, verify_options=verify_options,
+                            calibration=calibration,
+                            check=check_from(check, configs, inputs=inputs_path, shapes=shapes, seed=seed,
+                                             samples=samples, atol=atol, rtol=rtol),
                             progress=progress_for(quiet, json_path))
-    _emit(summary, json_path, quiet, print_optimized)
-    if not summary.written:
-        raise CheckFailed(f"verification failed: {summary.verification.verdict()}; {out} was not written")
+    _emit_written(summary, json_path, quiet, print_optimized)
 
 
 @main.command("inspect")

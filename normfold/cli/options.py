@@ -92,6 +92,48 @@ def data_options(func):
     return wrapper
 
 
+CONFIGS_HELP = ("Comma-separated onnxruntime configurations to check in: lib-none, lib-all, nolib-none, nolib-all "
+                "(normfold's library registered or not; graph optimizations ORT_DISABLE_ALL or ORT_ENABLE_ALL). "
+                "Default: all four; those that cannot apply (library not built, or needed and not "
+                "registered) are reported as n/a.")
+
+
+def configs_option(func):
+    """`--configs LIST`: the deployment configurations a model is run in."""
+    return click.option("--configs", default=None, metavar="LIST", help=CONFIGS_HELP)(func)
+
+
+def check_options(shape: bool = True):
+    """`--check/--no-check` and `--configs` for commands that write a model
+    (and `--shape` unless the command has `data_options`)."""
+
+    def decorate(func):
+        func = configs_option(func)
+        func = click.option("--check/--no-check", "check", default=True, show_default=True,
+                            help="Before writing, run the result in onnxruntime in every configuration (see "
+                                 "--configs) on generated inputs and compare it with MODEL; roll back the "
+                                 "rewrites that break it (reported with the reason).")(func)
+        if shape:
+            func = click.option("--shape", "shapes", multiple=True, metavar="NAME=SHAPE",
+                                help="Size of an input's dynamic dimensions for the check (default: 1 each), "
+                                     "e.g. --shape images=1x3x224x224 (repeatable).")(func)
+        return func
+
+    return decorate
+
+
+def check_from(check: bool, configs: str | None, **data):
+    """The output check of a writing command's options (None with --no-check);
+    `data`: inputs, shapes, seed, samples, atol, rtol as given."""
+    from normfold.pipeline.deploy_check import CheckOptions
+    from normfold.runtime.session import parse_configurations
+
+    if not check:
+        return None
+    return CheckOptions(configurations=parse_configurations(configs),
+                        **{k: tuple(v) if k == "shapes" else v for k, v in data.items()})
+
+
 def tolerance_options(func):
     """`--atol` / `--rtol` for commands that compare outputs."""
 

@@ -29,9 +29,9 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def print_summary(summary: RunSummary) -> None:
+def print_summary(summary: RunSummary, check: bool = True) -> None:
     """Print what a command did to one model: counts before/after, then per pass
-    what changed and what was left and why."""
+    what changed and what was left and why, then (with `check`) the output check."""
     table = Table(title=f"{summary.input} -> {summary.output}", title_justify="left")
     table.add_column("")
     table.add_column("before", justify="right")
@@ -47,6 +47,25 @@ def print_summary(summary: RunSummary) -> None:
             console.print(f"  {n:4d} x {kind}")
         if report.skipped:
             console.print(left_table(report.skipped))
+    if check:
+        print_check(summary)
+
+
+def print_check(summary: RunSummary, configurations: bool = True) -> None:
+    """Print the output check: one line per configuration (unless not
+    `configurations`), then each rollback with its reason."""
+    if summary.verification is None:
+        console.print("output check: skipped (--no-check)", highlight=False)
+        return
+    if configurations:
+        console.print(f"[bold]output check[/] ({summary.verification.inputs}, {summary.verification.samples} "
+                      f"sample(s), against {summary.verification.reference}):", highlight=False)
+    for config in summary.verification.configurations if configurations else ():
+        style = {"pass": "green", "fail": "red"}.get(config.status, "yellow")
+        console.print(f"  [{style}]{config.line()}[/]", highlight=False)
+    for rollback in summary.rollbacks:
+        console.print(f"  [yellow]rolled back[/] {rollback.pass_name} {rollback.node} ({rollback.op} -> "
+                      f"{rollback.into}): {rollback.reason}", highlight=False)
 
 
 def left_table(skipped: list[Skip]) -> Table:
@@ -75,10 +94,11 @@ def print_recalibration(summary: RunSummary) -> None:
 
 
 def print_optimized(summary: RunSummary) -> None:
-    """Print an optimize run: the rewrite summary, then the verification report."""
-    print_summary(summary)
+    """Print an optimize run: the rewrite summary, the verification report, the rollbacks."""
+    print_summary(summary, check=summary.verification is None)
     if summary.verification is not None:
         print_report(summary.verification)
+        print_check(summary, configurations=False)
 
 
 def _wide_console() -> Console:
@@ -122,6 +142,8 @@ def print_report(report: VerifyReport, console: Console | None = None) -> None:
     console = console or _wide_console()
     console.print(report_table(report))
     console.print(_tolerance_line(report), highlight=False)
+    for config in report.configurations:
+        console.print(f"configuration {config.line()}", highlight=False)
     for o in report.outputs:
         for note in o.notes:
             console.print(f"note: {o.name}: {note}")

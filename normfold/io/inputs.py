@@ -131,6 +131,13 @@ def resolve_shape(spec: InputSpec, given: tuple[int, ...] | None) -> tuple[int, 
     return tuple(spec.dims)  # type: ignore[arg-type]
 
 
+def default_dynamic_sizes(specs: list[InputSpec], size: int = 1) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes for the inputs of `specs` that have dynamic dimensions:
+    each dynamic dimension `size` (for checks that run a model without asking)."""
+    return {spec.name: tuple(d if isinstance(d, int) else size for d in spec.dims)
+            for spec in specs if not all(isinstance(d, int) for d in spec.dims)}
+
+
 def random_array(dtype: np.dtype, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """A random array of `dtype`: normal floats, small non-negative integers, coin-flip bools."""
     if dtype == np.bool_:

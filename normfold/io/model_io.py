@@ -21,7 +21,7 @@ import onnx.checker
 import onnx.defs
 import onnx.numpy_helper
 import onnx.shape_inference
-from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
+from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, _get_initializer_tensors
 
 from normfold.errors import NormfoldError
 from normfold.io.checks import StructureError, check_structure, check_tensor_data, check_text, printable, quote
@@ -384,7 +384,11 @@ def save_model(
             )
     if before_commit is None:
         return _write(model, out, detached, external_data)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".normfold-staged-") as stage:
+    try:
+        staging = tempfile.TemporaryDirectory(dir=folder, prefix=".normfold-staged-")
+    except OSError as exc:
+        raise NormfoldError(f"{out}: cannot write in {folder} ({exc.strerror}); choose another -o path") from exc
+    with staging as stage:
         staged = Path(stage) / out.name
         written = _write(model, staged, detached, external_data)
         if not before_commit(staged):
@@ -479,7 +483,10 @@ def _write_external(model: onnx.ModelProto, out: Path, detached: Mapping[str, De
     try:
         offset = 0
         with os.fdopen(fd, "wb") as f:
-            for tensor in _get_all_tensors(model):
+            # initializers only: a tensor in a node attribute (a Constant's value) has no name, and
+            # onnx and onnxruntime resolve its external location against the working folder, not the
+            # model's ("Data of TensorProto ( tensor name: ) ... is not regular file"); it stays inline
+            for tensor in _get_initializer_tensors(model):
                 if tensor.name in detached and tensor.data_location != onnx.TensorProto.EXTERNAL:
                     raw, kept = _raw_bytes(detached[tensor.name].load()), None
                 elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD_BYTES:

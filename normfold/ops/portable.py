@@ -123,6 +123,14 @@ def _declared_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+def needs_library_for(model: onnx.ModelProto) -> list[str]:
+    """The com.normfold ops `model` uses that carry no function body: without
+    normfold's library onnxruntime cannot run them (empty: the model is portable)."""
+    functions = {(f.domain, f.name) for f in model.functions}
+    custom = sorted({n.op_type for g in all_graphs(model.graph) for n in g.node if n.domain == DOMAIN})
+    return [op for op in custom if (DOMAIN, op) not in functions]
+
+
 def carried_functions(model: onnx.ModelProto) -> list[str]:
     """'domain.name' of every model-local function `model` carries."""
     return [f"{f.domain}.{f.name}" for f in model.functions]

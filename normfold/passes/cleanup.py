@@ -16,12 +16,13 @@ from normfold.ir.verbs import (bypass, detach, is_observable, is_standard, only_
                             walk_graphs)
 
 
-def cleanup(graph: gs.Graph) -> PassReport:
-    """Remove Identity and inference Dropout nodes and dead code from `graph` and its subgraphs."""
+def cleanup(graph: gs.Graph, exclude: frozenset[str] = frozenset()) -> PassReport:
+    """Remove Identity and inference Dropout nodes and dead code from `graph` and its
+    subgraphs; `exclude`: names of nodes to keep."""
     report = PassReport("cleanup")
     for g, where in walk_graphs(graph):
         for node in list(g.nodes):
-            reason = _no_op(g, node)
+            reason = None if node.name in exclude else _no_op(g, node)
             if reason is None:
                 continue
             source, result = node.inputs[0], node.outputs[0]

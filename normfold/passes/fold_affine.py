@@ -31,7 +31,7 @@ from normfold.passes import affine_math
 from normfold.passes.affine_fold import Affine, fold_backward, fold_forward
 from normfold.passes.batchnorm import BN, Skip
 from normfold.passes.fold_bn import bn_as_affine
-from normfold.report import PassReport
+from normfold.report import EXCLUDED, PassReport
 
 STEP_OPS = ("Mul", "Div", "Add", "Sub")
 
@@ -53,22 +53,23 @@ class Step:
         return self.node.outputs[0]
 
 
-def fold_affine(graph: gs.Graph, direction: str = "both") -> PassReport:
+def fold_affine(graph: gs.Graph, direction: str = "both", exclude: frozenset[str] = frozenset()) -> PassReport:
     """Fold every exactly-foldable chain of affine steps of `graph` (and its subgraphs) in place.
 
     direction: "both", "backward" (into the producer) or "forward" (into the consumers).
+    exclude: names of nodes (a reported change's node) whose chain piece is left as it is.
     """
     if direction not in ("both", "backward", "forward"):
         raise ValueError(f"direction must be both, backward or forward, not {direction!r}")
     report = PassReport("fold-affine")
     names = NameScope(graph)
     for g, where in walk_graphs(graph):
-        _fold_graph(g, graph.opset, names, direction, report, where)
+        _fold_graph(g, graph.opset, names, direction, report, where, exclude)
     return report
 
 
 def _fold_graph(graph: gs.Graph, opset: int, names: NameScope, direction: str, report: PassReport,
-                where: str) -> None:
+                where: str, exclude: frozenset[str]) -> None:
     reasons: dict[int, tuple[list[gs.Node], str]] = {}
     shifts: set[int] = set()  # the Add each partial fold leaves: what is left of a folded chain
     progress = True
@@ -77,6 +78,8 @@ def _fold_graph(graph: gs.Graph, opset: int, names: NameScope, direction: str, r
         reasons.clear()
         for chain in _chains(graph, opset, shifts):
             for steps, affine, reason in _pieces(graph, opset, chain):
+                if affine is not None and any(step.node.name in exclude for step in steps):
+                    affine, reason = None, EXCLUDED
                 if affine is not None:
                     try:
                         into, how = _fold(graph, affine, names, direction,

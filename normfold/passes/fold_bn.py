@@ -18,14 +18,16 @@ from normfold.passes import bn_math
 from normfold.passes.affine_fold import Affine, fold_backward, fold_forward, label, numpy_dtype
 from normfold.passes.affine_math import NotFoldable
 from normfold.passes.batchnorm import BN, Skip, inference_bn
-from normfold.report import PassReport
+from normfold.report import EXCLUDED, PassReport
 
 
-def fold_bn(graph: gs.Graph, direction: str = "both", standalone: str = "keep") -> PassReport:
+def fold_bn(graph: gs.Graph, direction: str = "both", standalone: str = "keep",
+            exclude: frozenset[str] = frozenset()) -> PassReport:
     """Fold every exactly-foldable BN of `graph` (and its subgraphs) in place.
 
     direction: "both", "backward" (into the producer) or "forward" (into the consumers).
     standalone: "keep" or "affine" (rewrite unfoldable BN as Mul+Add).
+    exclude: names of BN nodes to leave as they are.
     """
     if direction not in ("both", "backward", "forward"):
         raise ValueError(f"direction must be both, backward or forward, not {direction!r}")
@@ -34,11 +36,11 @@ def fold_bn(graph: gs.Graph, direction: str = "both", standalone: str = "keep") 
     report = PassReport("fold-bn")
     names = NameScope(graph)
     for g, where in walk_graphs(graph):
-        _fold_graph(g, graph.opset, names, direction, standalone, report, where)
+        _fold_graph(g, graph.opset, names, direction, standalone, report, where, exclude)
     return report
 
 
-def _fold_graph(graph, opset, names, direction, standalone, report, where) -> None:
+def _fold_graph(graph, opset, names, direction, standalone, report, where, exclude) -> None:
     folds = []
     if direction in ("both", "backward"):
         folds.append(("backward", fold_backward))
@@ -48,7 +50,7 @@ def _fold_graph(graph, opset, names, direction, standalone, report, where) -> No
     progress = True
     while progress:  # folding one BN can make another foldable (BN -> BN -> Conv)
         progress = False
-        for node in [n for n in graph.nodes if n.op == BN and n.outputs]:
+        for node in [n for n in graph.nodes if n.op == BN and n.outputs and n.name not in exclude]:
             try:
                 bn = bn_as_affine(graph, node, opset)
             except Skip as why:
@@ -68,8 +70,8 @@ def _fold_graph(graph, opset, names, direction, standalone, report, where) -> No
             else:
                 reasons[id(node)] = "; ".join(failures)
     for node in [n for n in graph.nodes if n.op == BN and n.outputs]:  # folded ones have none
-        reason = reasons.get(id(node), "not examined")
-        if standalone == "affine":
+        reason = EXCLUDED if node.name in exclude else reasons.get(id(node), "not examined")
+        if standalone == "affine" and node.name not in exclude:
             try:
                 _rewrite_as_affine(graph, bn_as_affine(graph, node, opset), names)
                 report.changed(node.name, BN, "Mul+Add", "standalone", where)

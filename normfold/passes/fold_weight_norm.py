@@ -31,18 +31,20 @@ _LAYERS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul":
 _NORM_OPS = {"ReduceL2": "weight norm", "LpNormalization": "weight norm", "Sqrt": "weight standardisation"}
 
 
-def fold_weight_norm(graph: gs.Graph, report: PassReport | None = None) -> PassReport:
+def fold_weight_norm(graph: gs.Graph, report: PassReport | None = None,
+                     exclude: frozenset[str] = frozenset()) -> PassReport:
     """Compute constant weight-norm / weight-standardisation subgraphs feeding layer
-    weights offline, and turn runtime weight norm into WeightNorm nodes."""
+    weights offline, and turn runtime weight norm into WeightNorm nodes.
+    exclude: names of layers and ReduceL2 nodes (a reported change's node) to leave as they are."""
     report = report or PassReport("fold-wn")
     names = NameScope(graph)
     for g, where in walk_graphs(graph):
         for node in list(g.nodes):
-            if node.op in _LAYERS:
+            if node.op in _LAYERS and node.name not in exclude:
                 _fold_constant_inputs(g, graph.opset, node, names, report, where)
         g.cleanup()  # drops the subgraphs just computed offline
         for node in list(g.nodes):
-            if node.op == "ReduceL2" and node.outputs:
+            if node.op == "ReduceL2" and node.outputs and node.name not in exclude:
                 _fuse_runtime(g, graph.opset, node, names, report, where)
         g.cleanup()
     return report

@@ -4,6 +4,11 @@ One row per pass: the function (`run(graph, **options) -> PassReport`), its
 default options, the op types whose counts show what it did, and one line on
 what it does. The Python API, `optimize` and every command look passes up
 here, so they run them alike.
+
+A pass whose options include `exclude` (a frozenset of node names: the `node`
+of the changes it reports) leaves those nodes as they are; the output check
+(`normfold.pipeline.deploy_check`) rolls back a breaking rewrite that way. Every
+rewriting pass takes it; one without it cannot be rolled back.
 """
 
 from __future__ import annotations
@@ -48,15 +53,17 @@ PASSES: dict[str, PassSpec] = {spec.name: spec for spec in (
     PassSpec("recalibrate", recalibrate_graph, "AdaBN: BatchNorm statistics re-estimated on target data",
              {"data": None, "progress": None}, needs_data=True),
     PassSpec("fold-wn", fold_weight_norm, "weight norm / standardisation / cosine-normalised weights computed "
-             "offline, first, so that BatchNorm folds into constant weights", watched=WEIGHT_OPS),
+             "offline, first, so that BatchNorm folds into constant weights", {"exclude": frozenset()},
+             watched=WEIGHT_OPS),
     PassSpec("fold-bn", fold_bn, "BatchNorm folded into neighbouring Conv/ConvTranspose/Gemm/MatMul",
-             {"direction": "both", "standalone": "keep"}),
+             {"direction": "both", "standalone": "keep", "exclude": frozenset()}),
     PassSpec("fuse", fuse_norms, "GroupNorm, LayerNorm, RMSNorm and FRN subgraphs replaced by one op each",
-             {"ops": FUSE_FAMILIES, "target": "auto"}, watched=FUSE_OPS),
+             {"ops": FUSE_FAMILIES, "target": "auto", "exclude": frozenset()}, watched=FUSE_OPS),
     PassSpec("fold-affine", fold_affine, "per-channel Mul/Div/Add/Sub chains by constants (input standardisation, "
              "layer scale) and BatchNorm left by fold-bn folded into neighbouring linear layers, after fuse so "
-             "that norms keep their γ/β", {"direction": "both"}, watched=AFFINE_OPS),
-    PassSpec("cleanup", cleanup, "Identity, inference Dropout and dead code removed", watched=("Identity",)),
+             "that norms keep their γ/β", {"direction": "both", "exclude": frozenset()}, watched=AFFINE_OPS),
+    PassSpec("cleanup", cleanup, "Identity, inference Dropout and dead code removed", {"exclude": frozenset()},
+             watched=("Identity",)),
 )}
 PASS_ORDER = tuple(PASSES)
 GRAPH_PASSES = tuple(name for name, spec in PASSES.items() if not spec.needs_data)
@@ -77,13 +84,16 @@ def parse_passes(text: str | None, with_data: bool = False) -> tuple[str, ...]:
     return tuple(p for p in PASS_ORDER if p in names)
 
 
-def steps(names: tuple[str, ...], **options) -> list[tuple[GraphPass, dict]]:
+def steps(names: tuple[str, ...], exclude: dict[str, frozenset[str]] | None = None,
+          **options) -> list[tuple[GraphPass, dict]]:
     """(function, options) of each pass in `names`, in the order given: the
-    registered defaults updated with those of `options` the pass takes."""
+    registered defaults updated with those of `options` the pass takes;
+    `exclude`: per pass name, the nodes it must leave alone."""
     chosen = []
     for name in names:
         spec = PASSES[name]
-        chosen.append((spec.run, {**spec.options, **{k: v for k, v in options.items() if k in spec.options}}))
+        chosen.append((spec.run, {**spec.options, **{k: v for k, v in options.items() if k in spec.options},
+                                  **({"exclude": exclude[name]} if exclude and name in exclude else {})}))
     return chosen
 
 

@@ -1,4 +1,10 @@
-"""File-level commands: load a model, run passes, write the result, summarise."""
+"""File-level commands: load a model, run passes, check and write the result, summarise.
+
+Every runner checks what it writes (`normfold.pipeline.deploy_check`): the
+result must load, run and match the input model in the deployment
+configurations; a rewrite that breaks this is rolled back and reported.
+`check=None` skips the check.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from typing import Callable
 
-import onnx
-
-from normfold.io.model_io import load_model, save_model
+from normfold.io.model_io import check_output, load_model, save_model
 from normfold.ir.convert import count_ops
 from normfold.passes.registry import FUSE_FAMILIES, PASSES, steps, watched_ops
+from normfold.pipeline.deploy_check import CheckOptions, DeployChecker, Exclusions, Rollback, write_checked
 from normfold.pipeline.runner import run_passes
 from normfold.progress import Progress
 from normfold.report import PassReport
 from normfold.verify.report import VerifyReport
-from normfold.verify.run import verify
+
+DEFAULT_CHECK = CheckOptions()
 
 
 @dataclass
@@ -32,7 +37,8 @@ class RunSummary:
     bytes_after: int
     reports: list[PassReport] = field(default_factory=list)
     watched_ops: tuple[str, ...] = ("BatchNormalization",)
-    verification: VerifyReport | None = None
+    verification: VerifyReport | None = None  # the output check (None: skipped with --no-check)
+    rollbacks: list[Rollback] = field(default_factory=list)
 
     def watch(self, ops: tuple[str, ...]) -> None:
         """Show the counts of those of `ops` present before or after."""
@@ -40,7 +46,7 @@ class RunSummary:
 
     @property
     def written(self) -> bool:
-        """Whether the output was written (a failed verification refuses it)."""
+        """Whether the output was written (a failed check refuses it)."""
         return self.verification is None or self.verification.passed
 
     def to_dict(self) -> dict:
@@ -56,110 +62,124 @@ class RunSummary:
             "ops_after": {op: self.ops_after.get(op, 0) for op in self.watched_ops},
             "passes": [r.to_dict() for r in self.reports],
             "written": self.written,
+            "checked": self.verification is not None,
             **({"verification": self.verification.to_dict()} if self.verification else {}),
+            "rollbacks": [r.to_dict() for r in self.rollbacks],
         }
 
 
 def fold_bn_file(model_path: Path, out: Path, *, inplace: bool, direction: str, standalone: str,
-                 progress: Progress | None = None) -> RunSummary:
-    """`normfold fold-bn` on files: fold, write atomically, summarise."""
+                 check: CheckOptions | None = DEFAULT_CHECK, progress: Progress | None = None) -> RunSummary:
+    """`normfold fold-bn` on files: fold, check, write atomically, summarise."""
     return rewrite_file(model_path, out, inplace, ("fold-bn",), {"direction": direction, "standalone": standalone},
-                        progress=progress)
+                        check=check, progress=progress)
 
 
 def fold_affine_file(model_path: Path, out: Path, *, inplace: bool, direction: str,
-                     progress: Progress | None = None) -> RunSummary:
-    """`normfold fold-affine` on files: fold affine chains, write atomically, summarise."""
-    return rewrite_file(model_path, out, inplace, ("fold-affine",), {"direction": direction}, progress=progress)
-
-
-def fuse_file(model_path: Path, out: Path, *, inplace: bool, ops: tuple[str, ...], target: str,
-              portable: bool = True, progress: Progress | None = None) -> RunSummary:
-    """`normfold fuse` on files: fuse, embed function bodies, write atomically, summarise."""
-    return rewrite_file(model_path, out, inplace, ("fuse",), {"ops": ops, "target": target}, portable=portable,
+                     check: CheckOptions | None = DEFAULT_CHECK, progress: Progress | None = None) -> RunSummary:
+    """`normfold fold-affine` on files: fold affine chains, check, write atomically, summarise."""
+    return rewrite_file(model_path, out, inplace, ("fold-affine",), {"direction": direction}, check=check,
                         progress=progress)
 
 
+def fuse_file(model_path: Path, out: Path, *, inplace: bool, ops: tuple[str, ...], target: str,
+              portable: bool = True, check: CheckOptions | None = DEFAULT_CHECK,
+              progress: Progress | None = None) -> RunSummary:
+    """`normfold fuse` on files: fuse, embed function bodies, check, write atomically, summarise."""
+    return rewrite_file(model_path, out, inplace, ("fuse",), {"ops": ops, "target": target}, portable=portable,
+                        check=check, progress=progress)
+
+
 def fold_wn_file(model_path: Path, out: Path, *, inplace: bool, portable: bool = True,
-                 progress: Progress | None = None) -> RunSummary:
-    """`normfold fold-wn` on files: weight-side folds, write atomically, summarise."""
-    return rewrite_file(model_path, out, inplace, ("fold-wn",), portable=portable, progress=progress)
+                 check: CheckOptions | None = DEFAULT_CHECK, progress: Progress | None = None) -> RunSummary:
+    """`normfold fold-wn` on files: weight-side folds, check, write atomically, summarise."""
+    return rewrite_file(model_path, out, inplace, ("fold-wn",), portable=portable, check=check, progress=progress)
 
 
 def recalibrate_file(model_path: Path, out: Path, *, inplace: bool, data, fold: bool,
-                     progress: Progress | None = None) -> RunSummary:
-    """`normfold recalibrate` on files: recalibrate, optionally fold, write atomically, summarise."""
+                     check: CheckOptions | None = DEFAULT_CHECK, progress: Progress | None = None) -> RunSummary:
+    """`normfold recalibrate` on files: recalibrate, optionally fold, check against
+    the recalibrated model, write atomically, summarise."""
     names = ("recalibrate", "fold-bn") if fold else ("recalibrate",)
-    return rewrite_file(model_path, out, inplace, names, {"data": data, "progress": progress}, progress=progress)
+    return rewrite_file(model_path, out, inplace, names, {"data": data, "progress": progress}, check=check,
+                        progress=progress)
 
 
 def rewrite_file(model_path: Path, out: Path, inplace: bool, passes: tuple[str, ...], options: dict | None = None,
-                 *, portable: bool = False, before_commit: Callable[[Path], bool] | None = None,
-                 reference: Callable[[onnx.ModelProto], None] | None = None,
+                 *, portable: bool = False, check: CheckOptions | None = DEFAULT_CHECK,
                  progress: Progress | None = None) -> RunSummary:
     """Load `model_path`, run the registered `passes` (with `options` where a pass
-    takes them) through the one runner, write `out`, summarise. Weights no pass
-    changed are never copied in memory.
+    takes them) through the one runner, check the result and write `out`,
+    summarise. Weights no pass changed are never copied in memory.
 
     portable: embed function bodies for the com.normfold ops used (`normfold.ops.portable`).
-    reference: called with the model after recalibration (when `passes` starts with it).
-    before_commit: called with the staged output; False refuses it (nothing written).
-    progress: reports the long steps (loading, each pass, writing).
+    check: what the output check runs (`CheckOptions`); None skips it. The
+    reference is the input model, or after recalibration (when `passes` starts
+    with it) the recalibrated model. A result that fails is not written.
+    progress: reports the long steps (loading, each pass, checking, writing).
     """
     progress = progress or Progress()
     options = options or {}
     with progress.step(f"loading {model_path.name}"):
         loaded = load_model(model_path)
-    model, reports = loaded.model, []
-    if reference is not None and passes[:1] == ("recalibrate",):
+    model, reports, reference = loaded.model, [], model_path
+    if passes[:1] == ("recalibrate",):
         recalibrated = run_passes(model, steps(passes[:1], **options), progress=progress)
-        model, reports, passes = recalibrated.model, recalibrated.reports, passes[1:]
-        reference(model)
-    run = run_passes(model, steps(passes, **options), portable=portable, detach=True, progress=progress)
-    with progress.step(f"writing {out.name}"):
-        written = save_model(
-            run.model, out, source=loaded.path, protect=loaded.external_files, inplace=inplace,
-            external_data=True if loaded.had_external_data else None, detached=run.detached,
-            before_commit=before_commit,
-        )
+        model, reports, passes, reference = recalibrated.model, recalibrated.reports, passes[1:], recalibrated.model
+    checker = DeployChecker(reference, check, progress) if check is not None else None
+
+    def attempt(exclude: Exclusions, commit: bool):
+        run = run_passes(model, steps(passes, exclude=exclude, **options), portable=portable, detach=True,
+                         progress=progress)
+        verification = None
+        if checker is not None:
+            try:
+                check_output(run.model)
+            except RuntimeError as exc:  # the onnx checker refuses it: a rewrite to roll back
+                return run, 0, checker.refused(str(exc))
+
+        def checked(staged: Path) -> bool:
+            nonlocal verification
+            verification = checker.check(staged)
+            verification.candidate = str(out)
+            return verification.passed and commit
+
+        with progress.step(f"writing {out.name}"):
+            written = save_model(
+                run.model, out, source=loaded.path, protect=loaded.external_files, inplace=inplace,
+                external_data=True if loaded.had_external_data else None, detached=run.detached,
+                check=checker is None, before_commit=checked if checker else None,
+            )
+        return run, written, verification
+
+    if checker is None:
+        run, written, _ = attempt({}, True)
+        verification, rollbacks = None, []
+    else:
+        result = write_checked(attempt, progress)
+        run, written, verification, rollbacks = result.run, result.written, result.verification, result.rollbacks
     summary = RunSummary(
         input=model_path, output=out,
         ops_before=count_ops(loaded.model.graph), ops_after=count_ops(run.model.graph),
         bytes_before=loaded.file_bytes, bytes_after=written, reports=reports + run.reports,
+        verification=verification, rollbacks=rollbacks,
     )
     summary.watch(watched_ops(tuple(r.name for r in summary.reports if r.name in PASSES)))
     return summary
 
 
 def optimize_file(model_path: Path, out: Path, *, inplace: bool, passes: tuple[str, ...], target: str = "auto",
-                  portable: bool = True, calibration=None, verify_options: dict | None = None,
+                  portable: bool = True, calibration=None, check: CheckOptions | None = DEFAULT_CHECK,
                   progress: Progress | None = None) -> RunSummary:
-    """`normfold optimize` on files: every selected pass, then verification of the
-    written bytes against the input model (or, after recalibration, against the
-    recalibrated model); a model that fails verification is not written.
+    """`normfold optimize` on files: every selected pass, then the output check
+    against the input model (or, after recalibration, against the recalibrated
+    model); a model that fails it even after rollbacks is not written.
 
-    verify_options: keyword arguments of `normfold.verify.run.verify` (inputs, shapes,
-    seed, samples, atol, rtol); None skips verification.
+    check: inputs, shapes, seed, samples, tolerances and configurations of the
+    check (`CheckOptions`); None skips it.
     """
-    progress = progress or Progress()
-    reference: Path | onnx.ModelProto = model_path
-    verification: VerifyReport | None = None
-
-    def recalibrated(model: onnx.ModelProto) -> None:
-        nonlocal reference
-        reference = model
-
-    def verified(staged: Path) -> bool:
-        nonlocal verification
-        verification = verify(staged, reference, progress=progress, **verify_options)
-        verification.candidate = str(out)
-        return verification.passed
-
-    summary = rewrite_file(
+    return rewrite_file(
         model_path, out, inplace, passes,
         {"data": calibration, "progress": progress, "ops": FUSE_FAMILIES, "target": target},
-        portable=portable, reference=recalibrated,
-        before_commit=verified if verify_options is not None else None, progress=progress,
+        portable=portable, check=check, progress=progress,
     )
-    summary.verification = verification
-    return summary

@@ -6,6 +6,8 @@ models rewritten by normfold run wherever normfold runs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx.numpy_helper
@@ -14,9 +16,49 @@ import onnxruntime as ort
 from normfold.errors import NormfoldError
 from normfold.io.inputs import Feeds
 from normfold.io.model_io import PROTOBUF_LIMIT, model_bytes, skeleton
-from normfold.ops.library import register_ops
+from normfold.ops.library import ops_library_path, register_ops
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One way a model is deployed in onnxruntime: normfold's library registered
+    or not, graph optimizations all on (ORT_ENABLE_ALL) or all off (ORT_DISABLE_ALL)."""
+
+    library: bool
+    optimize: bool
+
+    @property
+    def name(self) -> str:
+        """E.g. `lib-all` (library, ORT_ENABLE_ALL) or `nolib-none` (no library, ORT_DISABLE_ALL)."""
+        return f"{'lib' if self.library else 'nolib'}-{'all' if self.optimize else 'none'}"
+
+    def describe(self) -> str:
+        """E.g. `library, ORT_ENABLE_ALL`."""
+        return f"{'library' if self.library else 'no library'}, ORT_{'ENABLE' if self.optimize else 'DISABLE'}_ALL"
+
+
+# the deployment configurations every written model is checked in (`normfold.pipeline.deploy_check`)
+CONFIGURATIONS = {c.name: c for c in (Configuration(True, False), Configuration(True, True),
+                                       Configuration(False, False), Configuration(False, True))}
+
+
+def parse_configurations(text: str | None) -> tuple[Configuration, ...]:
+    """The configurations of a comma-separated list of names (None: all four)."""
+    if text is None:
+        return tuple(CONFIGURATIONS.values())
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGURATIONS]
+    if unknown or not names:
+        raise NormfoldError(f"unknown configuration(s) {', '.join(unknown) or '(none given)'}; choose from "
+                            f"{', '.join(CONFIGURATIONS)}")
+    return tuple(CONFIGURATIONS[n] for n in dict.fromkeys(names))
+
+
+def library_available() -> bool:
+    """Whether normfold's CPU custom-op library is built (sessions can register it)."""
+    return ops_library_path() is not None
 
 
 def make_session(
@@ -25,6 +67,7 @@ def make_session(
     provider: str = "cpu",
     optimize: bool = False,
     threads: int | None = None,
+    library: bool = True,
 ) -> ort.InferenceSession:
     """An onnxruntime session for `model` (a ModelProto or a path).
 
@@ -32,6 +75,8 @@ def make_session(
     session computes exactly the graph it is given (onnxruntime would otherwise
     fold BatchNorm itself and hide differences). `provider` is "cpu" or "cuda";
     asking for CUDA where it is not available is an error, never a silent CPU run.
+    `library=False` runs without normfold's custom-op library (as a user's own
+    onnxruntime would).
     """
     if provider not in PROVIDERS:
         raise NormfoldError(f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)}")
@@ -48,7 +93,8 @@ def make_session(
     options.log_severity_level = 4  # failures reach the user as one NormfoldError line, not as ORT's log
     if threads:
         options.intra_op_num_threads = threads
-    register_ops(options, provider)
+    if library:
+        register_ops(options, provider)
     source = model if isinstance(model, str) else _serialized(model, options)
     providers = [name] if provider == "cpu" else [name, PROVIDERS["cpu"]]
     try:

@@ -6,6 +6,7 @@ import os
 
 from normfold.ir.convert import all_graphs, count_ops
 from normfold.io.model_io import load_model
+from normfold.ops.portable import needs_library_for
 from normfold.ops.table import DOMAIN
 
 
@@ -16,7 +17,7 @@ def inspect_model(path: str | os.PathLike) -> dict:
     ops = count_ops(model.graph)
     functions = {(f.domain, f.name) for f in model.functions}
     custom = sorted({n.op_type for g in all_graphs(model.graph) for n in g.node if n.domain == DOMAIN})
-    without_body = [op for op in custom if (DOMAIN, op) not in functions]
+    without_body = needs_library_for(model)
     return {
         "model": str(path),
         "ir_version": model.ir_version,

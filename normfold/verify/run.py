@@ -8,16 +8,15 @@ from typing import Any
 
 import onnx
 
-from normfold.verify.compare import OutputComparison, compare_arrays, match_outputs
+from normfold.errors import NormfoldError
 from normfold.io.inputs import Inputs, input_specs, resolve_inputs
-from normfold.verify.localize import localize as localize_mismatch
 from normfold.io.model_io import model_and_name
 from normfold.progress import Progress
-from normfold.runtime.session import run_session
+from normfold.runtime.session import CONFIGURATIONS, Configuration
+from normfold.verify.configurations import compare_runs, run_configurations
+from normfold.verify.localize import localize as localize_mismatch
 from normfold.verify.references import load_reference
-from normfold.runtime.session import make_session
 from normfold.verify.report import VerifyReport
-
 
 
 def verify(
@@ -32,6 +31,7 @@ def verify(
     atol: float | None = None,
     rtol: float | None = None,
     provider: str = "cpu",
+    configurations: tuple[Configuration, ...] | None = None,
     localize: bool = False,
     progress: Progress | None = None,
 ) -> VerifyReport:
@@ -45,43 +45,37 @@ def verify(
     "NAME=1x3x224x224"), an .npz path, a {name: array} dict or a list of them.
     atol/rtol: None picks the default of each output's dtype (`normfold.verify.compare`).
     provider: "cpu" or "cuda" for the candidate; the reference always runs on CPU.
+    configurations: the onnxruntime configurations the candidate runs in
+    (`normfold.runtime.session.CONFIGURATIONS`; None: all four); each must match.
     localize: also find the first diverging node or module (`normfold.verify.localize`).
     progress: reports loading and the samples run (`normfold.progress`).
-    Bad input raises NormfoldError; a mismatch is reported, not raised.
+    Bad input raises NormfoldError (also a candidate that no configuration can
+    load); a mismatch is reported, not raised.
     """
     progress = progress or Progress()
+    configurations = tuple(CONFIGURATIONS.values()) if configurations is None else tuple(configurations)
     # one model in memory at a time: the candidate runs on every sample, then the reference
     with progress.step("loading the candidate"):
         model, candidate_name = model_and_name(candidate, weights=localize)  # weights: for localize only
         specs = input_specs(model)
-        # from a path onnxruntime reads the weights itself (no 2 GB protobuf limit, no second copy)
-        session = make_session(model if isinstance(candidate, onnx.ModelProto) else os.fspath(candidate),
-                               provider=provider, optimize=False)
         feeds_list, source = resolve_inputs(inputs, specs, shapes, seed, samples)
-    output_names = [o.name for o in session.get_outputs()]
-    candidate_runs = [run_session(session, feeds, what=f"the candidate {candidate_name}")
-                      for feeds in progress.each(feeds_list, "running the candidate", total=len(feeds_list))]
-    del session
+    # from a path onnxruntime reads the weights itself (no 2 GB protobuf limit, no second copy)
+    runs = run_configurations(model if isinstance(candidate, onnx.ModelProto) else os.fspath(candidate), model,
+                              feeds_list, configurations, provider=provider, what=f"the candidate {candidate_name}",
+                              progress=progress)
+    if not runs.runs:
+        raise NormfoldError(runs.first_failure() or "no configuration can run the candidate: "
+                            + "; ".join(r.line() for r in runs.results))
     with progress.step("loading the reference"):
         ref = load_reference(reference, weights, onnx_weights=localize)
         ref.bind(specs)
-    comparisons: list[OutputComparison] | None = None
-    matched_by = "name"
-    for feeds, cand_values in zip(progress.each(feeds_list, "running the reference", total=len(feeds_list)),
-                                  candidate_runs):
-        ref_values = ref.run(feeds)
-        ref_names = ref.output_names or [f"output {i}" for i in range(len(ref_values))]
-        pairs, matched_by = match_outputs(output_names, ref_names)
-        ref_by_name = dict(zip(ref_names, ref_values))
-        cand_by_name = dict(zip(output_names, cand_values))
-        comparisons = [
-            compare_arrays(cand_by_name[c], ref_by_name[r], name=c, reference_name=r, atol=atol, rtol=rtol,
-                           into=comparisons[i] if comparisons else None)
-            for i, (c, r) in enumerate(pairs)
-        ]
+    reference_runs = [ref.run(feeds) for feeds in progress.each(feeds_list, "running the reference",
+                                                                 total=len(feeds_list))]
+    outputs, matched_by = compare_runs(runs, reference_runs, ref.output_names, atol=atol, rtol=rtol)
     report = VerifyReport(
         candidate=candidate_name, reference=ref.description, reference_kind=ref.kind, provider=provider,
-        inputs=source, samples=len(feeds_list), matched_by=matched_by, outputs=comparisons or [],
+        inputs=source, samples=len(feeds_list), matched_by=matched_by, outputs=outputs,
+        configurations=runs.results,
     )
     if localize:
         report.localization = localize_mismatch(model, ref, feeds_list, atol=atol, rtol=rtol, provider=provider)

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 import onnx_graphsurgeon as gs
 
-from normfold.report import PassReport
+from normfold.report import EXCLUDED, PassReport
 
 from normfold.passes.fuse import group_norm as match_group_norm, moment_norm as match_moment_norm
 from normfold.passes.fold_weight_norm import fold_weight_norm
@@ -35,13 +35,15 @@ _MATCHERS: list[tuple[tuple[str, ...], Callable[[Match, gs.Node], FusedNorm]]] =
 _STANDARD_ANCHORS = ("GroupNormalization", "LayerNormalization")
 
 
-def fuse_norms(graph: gs.Graph, ops: Iterable[str] = FAMILIES, target: str = "auto") -> PassReport:
+def fuse_norms(graph: gs.Graph, ops: Iterable[str] = FAMILIES, target: str = "auto",
+               exclude: frozenset[str] = frozenset()) -> PassReport:
     """Fuse every exactly-matching normalization subgraph of `graph` (and its
     subgraphs) in place.
 
     ops: which kinds to fuse (subset of gn, ln, rms, frn, wn).
     target: "custom" (com.normfold ops), "standard" (ONNX ops, where the opset
     has them) or "auto" (per kind, whichever onnxruntime runs fastest).
+    exclude: names of anchor nodes (a reported change's node) to leave as they are.
     """
     ops = set(ops)
     if not ops <= set(FAMILIES):
@@ -53,19 +55,22 @@ def fuse_norms(graph: gs.Graph, ops: Iterable[str] = FAMILIES, target: str = "au
     for g, where in walk_graphs(graph):
         for node in list(g.nodes):
             if node.outputs:  # nodes of an earlier match are detached
-                _fuse_at(g, graph.opset, node, ops, target, names, report, where)
+                _fuse_at(g, graph.opset, node, ops, target, names, report, where, exclude)
         g.cleanup()
     if "wn" in ops:
-        fold_weight_norm(graph, report=report)
+        fold_weight_norm(graph, report=report, exclude=exclude)
     return report
 
 
-def _fuse_at(graph, opset, node, ops, target, names, report, where) -> None:
+def _fuse_at(graph, opset, node, ops, target, names, report, where, exclude) -> None:
     if target == "standard" and node.op in _STANDARD_ANCHORS:
         return  # already a standard op
     for anchors, matcher in _MATCHERS:
         if node.op not in anchors:
             continue
+        if node.name in exclude:
+            report.skip(node.name, node.op, EXCLUDED, where)
+            return
         try:
             fused = matcher(Match(graph, opset), node)
             if fused.family not in ops or is_constant(fused.x, opset):
