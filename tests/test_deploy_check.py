@@ -226,7 +226,8 @@ def test_dynamo_export_with_external_data_optimizes(tmp_path):
 
 # ---------------------------------------------------------------- issue 14, class 5
 # onnxruntime loses a size (computed Reshape targets, sliced buffers) before a fused norm; the
-# custom op's shape inference then wrote it back as the value -1 (see normfold.ops.shapes).
+# custom ops' shape inference then wrote it back as the size -1; it now names such a size afresh
+# (same_as_input in custom_ops/src/ort_glue.h).
 
 
 class LlamaRMSAfterReshape(nn.Module):

@@ -1,6 +1,8 @@
 // What ties a kernel to onnxruntime: errors, attributes, the shape checks every op runs at session
 // creation and in Compute (the Kernel base), and registration of an op's kernels for each type.
 #pragma once
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -127,13 +129,42 @@ struct Kernel {
   }
 };
 
-/// Shape and type inference of every op: output 0 is like input 0. (Set on the C struct: the lite
-/// API's ShapeInferContext::SetOutputShape would declare a float output whatever the input type.)
+/// Shape and type inference of every op: output 0 has input 0's element type and shape. (Set on the C
+/// struct: the lite API's ShapeInferContext::SetOutputShape would declare a float output whatever the
+/// input type.) A size onnxruntime does not know reaches us as -1 without a name; handed back as is, the
+/// -1 would be taken for a size (reshape targets with two -1, MatMuls of "incompatible" sizes), so each
+/// such size gets a fresh symbolic name: unknown, and unrelated to any other size.
 inline OrtStatusPtr ORT_API_CALL same_as_input(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   const OrtApi& api = Ort::GetApi();
-  OrtTensorTypeAndShapeInfo* info = nullptr;  // owned by the context
-  if (OrtStatus* status = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) return status;
-  return api.ShapeInferContext_SetOutputTypeShape(ctx, 0, info);
+  OrtTensorTypeAndShapeInfo* input = nullptr;  // owned by the context
+  if (OrtStatus* status = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &input)) return status;
+  ONNXTensorElementDataType type{};
+  size_t rank = 0;
+  if (OrtStatus* status = api.GetTensorElementType(input, &type)) return status;
+  if (OrtStatus* status = api.GetDimensionsCount(input, &rank)) return status;
+  if (rank == 0) return api.ShapeInferContext_SetOutputTypeShape(ctx, 0, input);  // rank unknown (or a scalar)
+  std::vector<int64_t> dims(rank);
+  std::vector<const char*> names(rank);
+  if (OrtStatus* status = api.GetDimensions(input, dims.data(), rank)) return status;
+  if (OrtStatus* status = api.GetSymbolicDimensions(input, names.data(), rank)) return status;
+  static std::atomic<uint64_t> unknown{0};
+  std::vector<std::string> fresh(rank);
+  for (size_t i = 0; i < rank; ++i) {
+    if (dims[i] < 0 && (names[i] == nullptr || names[i][0] == '\0')) {
+      fresh[i] = "normfold_unk_" + std::to_string(unknown.fetch_add(1));
+      names[i] = fresh[i].c_str();
+    } else if (names[i] == nullptr) {
+      names[i] = "";
+    }
+  }
+  OrtTensorTypeAndShapeInfo* output = nullptr;
+  if (OrtStatus* status = api.CreateTensorTypeAndShapeInfo(&output)) return status;
+  std::unique_ptr<OrtTensorTypeAndShapeInfo, void (*)(OrtTensorTypeAndShapeInfo*)> owned(
+      output, [](OrtTensorTypeAndShapeInfo* info) { Ort::GetApi().ReleaseTensorTypeAndShapeInfo(info); });
+  if (OrtStatus* status = api.SetTensorElementType(output, type)) return status;
+  if (OrtStatus* status = api.SetDimensions(output, dims.data(), rank)) return status;
+  if (OrtStatus* status = api.SetSymbolicDimensions(output, names.data(), rank)) return status;
+  return api.ShapeInferContext_SetOutputTypeShape(ctx, 0, output);
 }
 
 /// Registers op Op<T, false>::kName: Op<T, false> on the CPU for float, double, float16 and bfloat16,

@@ -10,7 +10,6 @@ import onnx
 from normfold.io.model_io import DetachedTensor
 from normfold.ir.convert import export_detached, export_model, import_graph
 from normfold.ops.portable import embedded
-from normfold.ops.shapes import declare_shapes
 from normfold.passes.registry import GraphPass
 from normfold.progress import Progress
 from normfold.report import PassReport
@@ -46,7 +45,6 @@ def run_passes(model: onnx.ModelProto, steps: list[tuple[GraphPass, dict]], *, p
         result, detached = export_detached(graph, like=model) if detach else (export_model(graph, like=model), {})
         if portable:
             reports += embedded(result)
-        declare_shapes(result)  # so that onnxruntime never infers -1 sizes around com.normfold ops
     return Run(result, reports, detached)
 
 
