@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from normfold.ops import library as ops_library
 from normfold.cli.main import main
 from normfold.tools import doctor as doctor_module
-from normfold.tools.doctor import doctor, format_doctor
+from normfold.cli.render import format_doctor
+from normfold.tools.doctor import doctor
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -128,3 +128,11 @@ def test_passes_live_inside_the_package():
     root = PACKAGE.parent
     assert not (root / "passes").exists(), "a top-level passes/ folder is back"
     assert (PACKAGE / "passes" / "__init__.py").exists()
+
+
+def test_every_renderer_lives_in_cli_render():
+    """print_*/format_* functions (terminal output) are defined in normfold/cli/render.py only."""
+    elsewhere = sorted(f"{m}.{n.name}" for m, p in MODULES.items() if m != "normfold.cli.render"
+                       for n in ast.walk(ast.parse(p.read_text()))
+                       if isinstance(n, ast.FunctionDef) and n.name.startswith(("print_", "format_")))
+    assert not elsewhere, f"renderers outside normfold.cli.render: {elsewhere}"

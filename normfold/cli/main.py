@@ -321,7 +321,8 @@ def doctor_command(json_path):
       normfold doctor
       normfold doctor --json -
     """
-    from normfold.tools.doctor import doctor, format_doctor
+    from normfold.cli.render import format_doctor
+    from normfold.tools.doctor import doctor
     from normfold.errors import CheckFailed
 
     report = doctor()

@@ -234,3 +234,38 @@ def format_inspection(report: dict) -> str:
         lines.append(f"needs normfold's library (normfold.ops_library_path()) for: "
                      f"{', '.join(report['needs_library_for'])}; `normfold fuse --portable` adds the bodies")
     return "\n".join(lines)
+
+
+def _api_line(api: dict, onnxruntime_version: str) -> str:
+    runtime = f"onnxruntime {onnxruntime_version} serves up to {api['runtime']}"
+    if api["built"] is None:
+        return f"no library to read it from; {runtime}"
+    verdict = "compatible" if api["compatible"] else f"NOT compatible (needs onnxruntime 1.{api['built']} or newer)"
+    return f"libraries built against {api['built']}, {runtime}: {verdict}"
+
+
+def format_doctor(report: dict) -> str:
+    """The report as the lines `normfold doctor` prints."""
+    versions = ", ".join(f"{name} {version or 'not installed'}" for name, version in report["versions"].items())
+    cpu, cuda, provider = report["cpu_ops"], report["cuda_ops"], report["cuda_provider"]
+    install = report["install"]
+    lines = [f"versions:       {versions}",
+             f"installed:      {install['kind']}" + (f" ({install['source']})" if install["source"] else ""),
+             f"ORT API:        {_api_line(report['onnxruntime_api'], report['versions']['onnxruntime'])}"]
+    if cpu["works"]:
+        lines.append(f"CPU kernels:    ok ({cpu['library']})")
+    else:
+        lines.append(f"CPU kernels:    NOT AVAILABLE: {cpu['error']}")
+    if cuda["library"] is None:
+        lines.append(f"CUDA kernels:   not built: {cuda['not_built'] or 'no libnormfold_ops_cuda.so installed'}")
+    elif cuda["runs_on_gpu"] is None:
+        state = "built, loads" if cuda["loads"] else "built but does NOT load"
+        lines.append(f"CUDA kernels:   {state}; not run (no usable CUDA provider) ({cuda['library']})")
+    else:
+        state = "ok" if cuda["runs_on_gpu"] else f"FAIL on the GPU: {cuda['gpu_error']}"
+        lines.append(f"CUDA kernels:   {state} ({cuda['library']})")
+    lines.append(f"providers:      {', '.join(report['providers'])}")
+    lines.append("CUDA provider:  " + ("usable" if provider["usable"] else f"not usable: {provider['error']}"))
+    if report["advice"]:
+        lines.append(f"to fix:         {report['advice']}")
+    return "\n".join(lines)
