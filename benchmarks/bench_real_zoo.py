@@ -31,6 +31,8 @@ CLASSES = {
     "3 weight standardisation": "BatchNormalization over a constant weight left in the graph",
     "4 crash": "normfold raised",
     "5 invalid output": "the optimized model does not load or run in onnxruntime, or computes something else",
+    "ort": "onnxruntime's own graph optimizations move the export itself as far from PyTorch at ORT_ENABLE_ALL "
+           "(the optimized model is exact at ORT_DISABLE_ALL): not normfold's to fix",
 }
 SHAPE_WORDS = ("unknown", "does not broadcast")
 
@@ -46,6 +48,8 @@ def failure_classes(result: dict) -> list[str]:
             cls = "4 crash"
         elif "over a constant" in problem:
             cls = "3 weight standardisation"
+        elif problem.startswith("onnxruntime's graph optimizations"):
+            cls = "ort"
         elif "decomposed" in problem or "fold-bn folds" in problem:
             cls = "1 shape knowledge" if shapes_unknown else "2 library spelling"
         else:

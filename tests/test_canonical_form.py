@@ -167,7 +167,7 @@ def _arch(name, norms, module, args, fp16=False) -> Architecture:
 SHAPES = [
     _arch("heads_then_layernorm", ("ln",), lambda: HeadsThenNorm(nn.LayerNorm(HIDDEN)), _sequence),
     _arch("heads_then_rmsnorm", ("rms",), lambda: HeadsThenNorm(LlamaRMSNorm()), _sequence),
-    _arch("computed_reshape_groupnorm", ("gn",), ConvThenGroupNorm, image),
+    _arch("computed_reshape_groupnorm", ("gn",), ConvThenGroupNorm, lambda: (image(),)),
 ]
 SPELLINGS = [
     _arch("llama_rmsnorm", ("rms",), LlamaRMSNorm, _sequence),
@@ -177,8 +177,8 @@ SPELLINGS = [
     _arch("timm_frn_tlu", ("frn",), FilterResponseNormTlu2d, lambda: (image(c=8),)),
 ]
 STANDARDISED = [
-    _arch("timm_stdconv2d", ("ws",), lambda: nn.Sequential(StdConv2d(3, 8), nn.ReLU(), StdConv2d(8, 8)), image),
-    _arch("timm_scaledstdconv2d", ("ws",), lambda: nn.Sequential(ScaledStdConv2d(3, 8), nn.SiLU()), image),
+    _arch("timm_stdconv2d", ("ws",), lambda: nn.Sequential(StdConv2d(3, 8), nn.ReLU(), StdConv2d(8, 8)), lambda: (image(),)),
+    _arch("timm_scaledstdconv2d", ("ws",), lambda: nn.Sequential(ScaledStdConv2d(3, 8), nn.SiLU()), lambda: (image(),)),
 ]
 
 

@@ -41,7 +41,7 @@ def swin_unetr():
     torch.manual_seed(0)
     model = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
                       spatial_dims=2, norm_name="instance")
-    return FirstOutput(randomize(model)).eval(), (image(c=1),)
+    return FirstOutput(randomize(model)).eval(), (image(c=1, size=64),)
 
 
 def unetr():
