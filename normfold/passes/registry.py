@@ -51,11 +51,11 @@ class PassSpec:
 
 
 PASSES: dict[str, PassSpec] = {spec.name: spec for spec in (
+    PassSpec("recalibrate", recalibrate_graph, "AdaBN: BatchNorm statistics re-estimated on target data",
+             {"data": None, "progress": None}, needs_data=True),
     PassSpec("canonicalize", canonicalize, "the form the other passes match on: constant (weight-side) subgraphs "
              "evaluated once, exactly; no-op Identity/Cast/Expand/Reshape dropped",
              watched=("Shape", "Cast", "Identity", "BatchNormalization")),
-    PassSpec("recalibrate", recalibrate_graph, "AdaBN: BatchNorm statistics re-estimated on target data",
-             {"data": None, "progress": None}, needs_data=True),
     PassSpec("fold-wn", fold_weight_norm, "weight norm / standardisation / cosine-normalised weights computed "
              "offline, first, so that BatchNorm folds into constant weights", {"exclude": frozenset()},
              watched=WEIGHT_OPS),
