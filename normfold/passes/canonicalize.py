@@ -94,13 +94,13 @@ def _replace(node: gs.Node, values: list[np.ndarray], report: PassReport, where:
 
 def _evaluate(node: gs.Node, inputs: list, opset: int) -> list[np.ndarray]:
     """`node`'s outputs for constant `inputs`, float math in float64."""
+    if node.op == "BatchNormalization":
+        return [_batch_norm(node, [v.astype(np.float64) for v in inputs[:5]], opset).astype(inputs[0].dtype)]
     floats = {v.dtype for v in inputs if v is not None and v.dtype in (np.float16, np.float32)}
     if node.op in _NO_PROMOTION or len(floats) != 1:
         return evaluate_node(node, inputs, opset)
     (native,) = floats
     wide = [v.astype(np.float64) if v is not None and v.dtype == native else v for v in inputs]
-    if node.op == "BatchNormalization":
-        return [_batch_norm(node, wide, opset).astype(native)]
     return [v.astype(native) if v.dtype == np.float64 else v for v in evaluate_node(node, wide, opset)]
 
 
@@ -108,7 +108,9 @@ def _batch_norm(node: gs.Node, inputs: list, opset: int) -> np.ndarray:
     """BatchNormalization's Y: over the batch statistics in training mode (training_mode=1,
     or more than one output below opset 14, as onnxruntime reads it), else over the
     given mean and variance."""
-    x, scale, bias, mean, var = inputs[:5]
+    if opset < 9:
+        raise NotConstant("BatchNormalization before opset 9 (is_test, spatial) is left as it is")
+    x, scale, bias, mean, var = inputs
     training = int(node.attrs.get("training_mode", 0)) == 1 if opset >= 14 else len(node.outputs) > 1
     if training and any(out.outputs for out in node.outputs[1:]):
         raise NotConstant("its running statistics are read")
