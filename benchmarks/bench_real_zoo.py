@@ -23,6 +23,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from tests.helpers.zoo import ARCHITECTURES, CONFIGS, run_case
+from tests.helpers.zoo.checks import ONNXRUNTIME_OWN
+
 # failure classes of issue 14, in the order a result is tested for them
 CLASSES = {
     "exporter": "the PyTorch exporter itself fails (not normfold's)",
@@ -48,7 +51,7 @@ def failure_classes(result: dict) -> list[str]:
             cls = "4 crash"
         elif "over a constant" in problem:
             cls = "3 weight standardisation"
-        elif problem.startswith("onnxruntime's graph optimizations"):
+        elif problem.startswith(ONNXRUNTIME_OWN):
             cls = "ort"
         elif "decomposed" in problem or "fold-bn folds" in problem:
             cls = "1 shape knowledge" if shapes_unknown else "2 library spelling"
@@ -61,8 +64,6 @@ def failure_classes(result: dict) -> list[str]:
 
 def run_architecture(name: str, configs: list[str]) -> list[dict]:
     """Every case of one architecture, in this process."""
-    from tests.helpers.zoo import ARCHITECTURES, CONFIGS, run_case
-
     return [asdict(run_case(ARCHITECTURES[name], CONFIGS[c])) for c in configs]
 
 
@@ -101,8 +102,6 @@ def _versions() -> str:
 def write_markdown(results: list[dict], path: Path, command: str, seconds: float) -> None:
     """The results file: how it ran, the architecture × configuration table, the
     failures grouped by class with their details."""
-    from tests.helpers.zoo import ARCHITECTURES, CONFIGS
-
     by_case = {(r["arch"], r["config"]): r for r in results}
     configs = [c for c in CONFIGS if any(r["config"] == c for r in results)]
     archs = [a for a in ARCHITECTURES if any(r["arch"] == a for r in results)]
@@ -149,8 +148,6 @@ def write_markdown(results: list[dict], path: Path, command: str, seconds: float
 
 def main(argv=None) -> int:
     """Run the zoo (or a part) and write the results file."""
-    from tests.helpers.zoo import ARCHITECTURES, CONFIGS
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated architectures (default: all)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated export configurations")

@@ -63,7 +63,7 @@ def refresh_shapes(graph: gs.Graph) -> None:
         tensor, kind = unknown.get(info.name), info.type.tensor_type
         if tensor is None or not info.type.HasField("tensor_type") or not kind.HasField("shape"):
             continue
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in kind.shape.dim]
+        shape = _dims(info)
         if tensor.shape is None or _known_dims(shape) > _known_dims(tensor.shape):
             tensor.shape = shape
         if tensor.dtype is None and kind.elem_type:
@@ -96,15 +96,20 @@ def _infer_shapes(skel: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _unshaped(graph: onnx.GraphProto) -> set[str]:
-    """Names of the node outputs of `graph` (main graph only) with no inferred shape."""
+    """Names of the node outputs of `graph` (main graph only) whose inferred shape is
+    missing or has a dimension that is not a number."""
     shaped = {vi.name for vi in (*graph.value_info, *graph.output, *graph.input) if vi.type.HasField("tensor_type")
-              and vi.type.tensor_type.HasField("shape")}
+              and vi.type.tensor_type.HasField("shape") and not _vague(_dims(vi))}
     return {out for node in graph.node for out in node.output if out and out not in shaped}
+
+
+def _dims(info: onnx.ValueInfoProto) -> list:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in info.type.tensor_type.shape.dim]
 
 
 def _add_symbolic_shapes(skel: onnx.ModelProto, inferred: onnx.ModelProto, unknown: set[str]) -> None:
     """Give the `unknown` tensors of `inferred` the shapes onnxruntime's symbolic shape
-    inference finds for `skel` (nothing when it cannot run on the model)."""
+    inference finds for `skel` where they say more (nothing when it cannot run)."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
@@ -114,8 +119,10 @@ def _add_symbolic_shapes(skel: onnx.ModelProto, inferred: onnx.ModelProto, unkno
         return
     if symbolic is None:
         return
+    known = {vi.name: vi for vi in inferred.graph.value_info}
     found = {vi.name: vi for vi in symbolic.graph.value_info if vi.name in unknown and
-             vi.type.tensor_type.HasField("shape")}
+             vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape") and
+             (vi.name not in known or _known_dims(_dims(vi)) > _known_dims(_dims(known[vi.name])))}
     kept = [vi for vi in inferred.graph.value_info if vi.name not in found]
     del inferred.graph.value_info[:]
     inferred.graph.value_info.extend(kept + list(found.values()))
