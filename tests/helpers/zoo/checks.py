@@ -87,6 +87,12 @@ def _run(arch: Architecture, config: ExportConfig, result: CaseResult) -> None:
     except ExportError as why:
         result.problems.append(f"export failed: {str(why).splitlines()[0][:300]}")
         return
+    feeds = _feeds(model, args)
+    try:
+        run_onnx(model, feeds, library=False, optimize=False)
+    except Exception as why:  # the exporter wrote a model onnxruntime cannot run
+        result.problems.append(f"export failed: onnxruntime cannot run the export itself: {_first_line(why)}")
+        return
     result.stage = "optimize"
     try:
         optimized, reports = normfold.optimize(model)
@@ -98,7 +104,6 @@ def _run(arch: Architecture, config: ExportConfig, result: CaseResult) -> None:
     result.skip_reasons = dict(Counter(s.reason for r in reports for s in r.skipped))
     result.problems += foldable_left(optimized) + decomposed_left(optimized)
     result.stage = "run"
-    feeds = _feeds(model, args)
     reference = _reference(module, args, arch.fp16)
     outputs = {}
     for library in (True, False):
@@ -106,7 +111,7 @@ def _run(arch: Architecture, config: ExportConfig, result: CaseResult) -> None:
             outputs[library] = run_onnx(optimized, feeds, library)
         except Exception as why:
             result.problems.append(f"onnxruntime ORT_ENABLE_ALL {'with' if library else 'without'} the library: "
-                                   f"{type(why).__name__}: {str(why).strip().splitlines()[0][:300]}")
+                                   f"{_first_line(why)}")
     if not outputs:
         return
     result.stage = "checked"
@@ -119,6 +124,10 @@ def _run(arch: Architecture, config: ExportConfig, result: CaseResult) -> None:
         result.problems.append("with and without the library the outputs differ")
     if not result.error <= limit:
         result.problems.append(_error_problem(model, optimized, feeds, reference, result.error, limit))
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
 
 
 def _error_problem(model, optimized, feeds, reference, error: float, limit: float) -> str:
