@@ -46,3 +46,20 @@ def test_zoo_covers_what_the_issue_asks():
     assert {"bn", "ln", "ln_cf", "gn", "rms", "ws"} <= set(norms)
     assert sum(a.fp16 for a in archs) >= 2
     assert set(CONFIGS) == {"ts13", "ts17", "dy18", "dy21"}
+
+
+def test_the_benchmark_names_each_failure_by_its_cause():
+    from benchmarks.bench_real_zoo import failure_classes
+
+    def result(problems, stage="checked", skips=()):
+        return {"problems": problems, "stage": stage, "skip_reasons": dict.fromkeys(skips, 1)}
+
+    assert failure_classes(result([])) == []
+    assert failure_classes(result(["export failed: x"], stage="export")) == ["exporter"]
+    assert failure_classes(result(["optimize raised KeyError: x"], stage="optimize")) == ["4 crash"]
+    assert failure_classes(result(["2 decomposed norm node(s) left: ReduceMean of a square"],
+                                  skips=["rank of 'a' is unknown"])) == ["1 shape knowledge"]
+    assert failure_classes(result(["2 decomposed norm node(s) left: ReduceMean of a square"])) == ["2 library spelling"]
+    assert failure_classes(result(["1 BatchNormalization over a constant (weight standardisation) left",
+                                   "relative error 1e-2 > 1e-5"])) == ["3 weight standardisation", "5 invalid output"]
+    assert failure_classes(result(["onnxruntime's graph optimizations: the export itself is off"])) == ["ort"]

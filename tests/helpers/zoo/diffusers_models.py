@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Architecture, FirstOutput, image, randomize, seeded
+from .registry import Architecture, FirstOutput, half_precision, image, randomize, seeded
 
 BLOCKS = dict(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
 
@@ -41,17 +41,9 @@ def vae():
     return FirstOutput(randomize(model)).eval(), (image(size=16),)
 
 
-def _fp16(build):
-    def half():
-        module, args = build()
-        return module.half(), tuple(a.half() if a.is_floating_point() else a for a in args)
-    half.__name__ = f"{build.__name__}_fp16"
-    return half
-
-
 ARCHITECTURES = [
     Architecture("unet2d", "diffusers", ("gn",), unet2d),
     Architecture("unet2d_condition", "diffusers", ("gn", "ln"), unet2d_condition),
     Architecture("vae", "diffusers", ("gn",), vae),
-    Architecture("vae_fp16", "diffusers", ("gn",), _fp16(vae), fp16=True),
+    Architecture("vae_fp16", "diffusers", ("gn",), half_precision(vae), fp16=True),
 ]

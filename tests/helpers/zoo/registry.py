@@ -88,6 +88,15 @@ def randomize(module: nn.Module, seed: int = SEED) -> nn.Module:
     return module.eval()
 
 
+def half_precision(build):
+    """`build` with the module and its floating-point inputs in float16."""
+    def half():
+        module, args = build()
+        return module.half(), tuple(a.half() if a.is_floating_point() else a for a in args)
+    half.__name__ = f"{build.__name__}_fp16"
+    return half
+
+
 def seeded(seed: int = SEED) -> torch.Generator:
     """A fresh generator for example inputs."""
     return torch.Generator().manual_seed(seed)

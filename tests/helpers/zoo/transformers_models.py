@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Architecture, FirstOutput, image, randomize, seeded, tokens
+from .registry import Architecture, FirstOutput, half_precision, image, randomize, seeded, tokens
 
 VOCAB = 128
 LLM = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -128,14 +128,6 @@ def whisper_encoder():
     return _wrap(WhisperEncoder(config), torch.randn(1, 16, 32, generator=seeded()))
 
 
-def _fp16(build):
-    def half():
-        module, args = build()
-        return module.half(), tuple(a.half() if a.is_floating_point() else a for a in args)
-    half.__name__ = f"{build.__name__}_fp16"
-    return half
-
-
 llama, mistral, qwen2 = _llm("Llama"), _llm("Mistral", sliding_window=None), _llm("Qwen2")
 qwen3 = _llm("Qwen3", head_dim=8)
 gemma = _llm("Gemma", head_dim=8)
@@ -159,7 +151,7 @@ ARCHITECTURES = [
     Architecture("t5_encoder", "transformers", ("rms",), t5_encoder),
     Architecture("wav2vec2", "transformers", ("gn", "ln"), wav2vec2),
     Architecture("whisper_encoder", "transformers", ("ln",), whisper_encoder),
-    Architecture("bert_fp16", "transformers", ("ln",), _fp16(bert), fp16=True),
-    Architecture("llama_fp16", "transformers", ("rms",), _fp16(llama), fp16=True),
-    Architecture("convnext_fp16", "transformers", ("ln", "ln_cf"), _fp16(convnext), fp16=True),
+    Architecture("bert_fp16", "transformers", ("ln",), half_precision(bert), fp16=True),
+    Architecture("llama_fp16", "transformers", ("rms",), half_precision(llama), fp16=True),
+    Architecture("convnext_fp16", "transformers", ("ln", "ln_cf"), half_precision(convnext), fp16=True),
 ]
