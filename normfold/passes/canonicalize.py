@@ -31,18 +31,18 @@ _KEEP = NON_DETERMINISTIC | {"QuantizeLinear", "DequantizeLinear", "DynamicQuant
 _NO_PROMOTION = {"Cast", "CastLike"}  # their result type is the point
 
 
-def canonicalize(graph: gs.Graph) -> PassReport:
+def canonicalize(graph: gs.Graph, exclude: frozenset[str] = frozenset()) -> PassReport:
     """Fold every constant subgraph of `graph` (and its subgraphs) into initializers,
-    then drop the no-op nodes; in place."""
+    then drop the no-op nodes; in place. `exclude`: names of nodes to keep as they are."""
     report = PassReport("canonicalize")
     for g, where in walk_graphs(graph):
         for node in list(g.nodes):
-            if _foldable(g, node):
+            if node.name not in exclude and _foldable(g, node):
                 _fold(node, graph.opset, report, where)
         g.cleanup(remove_unused_graph_inputs=False)
     if report.changes:
         refresh_shapes(graph)
-    no_ops = cleanup(graph)
+    no_ops = cleanup(graph, exclude)
     report.changes += no_ops.changes
     return report
 

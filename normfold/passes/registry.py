@@ -54,7 +54,7 @@ PASSES: dict[str, PassSpec] = {spec.name: spec for spec in (
     PassSpec("recalibrate", recalibrate_graph, "AdaBN: BatchNorm statistics re-estimated on target data",
              {"data": None, "progress": None}, needs_data=True),
     PassSpec("canonicalize", canonicalize, "the form the other passes match on: constant (weight-side) subgraphs "
-             "evaluated once, exactly; no-op Identity/Cast/Expand/Reshape dropped",
+             "evaluated once, exactly; no-op Identity/Cast/Expand/Reshape dropped", {"exclude": frozenset()},
              watched=("Shape", "Cast", "Identity", "BatchNormalization")),
     PassSpec("fold-wn", fold_weight_norm, "weight norm / standardisation / cosine-normalised weights computed "
              "offline, first, so that BatchNorm folds into constant weights", {"exclude": frozenset()},
