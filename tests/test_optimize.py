@@ -93,7 +93,7 @@ def test_optimize_everything_matches_pytorch(tmp_path, exporter, opset, folding)
     assert result.exit_code == 0, result.output
     assert digest(src) == before
     report = json.loads((tmp_path / "r.json").read_text())
-    assert [p["pass"] for p in report["passes"]] == ["fold-wn", "fold-bn", "fuse", "fold-affine", "cleanup", "portable"]
+    assert [p["pass"] for p in report["passes"]] == ["canonicalize", "fold-wn", "fold-bn", "fuse", "fold-affine", "cleanup", "portable"]
     assert report["written"] and report["verification"]["passed"]
     optimized = onnx.load(out)
     left = set(ops(optimized))
@@ -274,7 +274,7 @@ def test_export_optimize_uses_every_pass(tmp_path):
         warnings.simplefilter("ignore")
         result = export(module, ["2x3x8x8"], tmp_path / "e.onnx", dynamo=False, opset=17, optimize=True, verify=True)
     assert result.passed
-    assert [r.name for r in result.passes] == ["fold-wn", "fold-bn", "fuse", "fold-affine", "cleanup", "portable"]
+    assert [r.name for r in result.passes] == ["canonicalize", "fold-wn", "fold-bn", "fuse", "fold-affine", "cleanup", "portable"]
     exported = onnx.load(tmp_path / "e.onnx")
     assert "GroupNorm" in ops(exported) and exported.functions
 
@@ -294,7 +294,7 @@ def test_optimize_with_data_recalibrates_then_folds(tmp_path):
     result = invoke("optimize", src, "-o", out, "--data", calib, "--json", "-")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert [p["pass"] for p in report["passes"]][:3] == ["recalibrate", "fold-wn", "fold-bn"]
+    assert [p["pass"] for p in report["passes"]][:4] == ["recalibrate", "canonicalize", "fold-wn", "fold-bn"]
     assert report["verification"]["passed"]
     assert invoke("recalibrate", src, "--data", calib, "-o", reference, "-q").exit_code == 0
     recalibrated = onnx.load(reference)

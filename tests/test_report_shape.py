@@ -47,7 +47,7 @@ def test_optimize_api_and_command_give_the_same_reports(tmp_path):
     _, reports = normfold.optimize(onnx.load(src))
     passes = command_passes(tmp_path, "optimize", src, "--no-verify")
     assert [r.to_dict() for r in reports] == passes
-    assert [p["pass"] for p in passes] == ["fold-wn", "fold-bn", "fuse", "fold-affine", "cleanup", "portable"]
+    assert [p["pass"] for p in passes] == ["canonicalize", "fold-wn", "fold-bn", "fuse", "fold-affine", "cleanup", "portable"]
 
 
 def test_fold_bn_api_and_command_give_the_same_report(tmp_path):

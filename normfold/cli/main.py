@@ -515,7 +515,7 @@ def inspect_command(model, json_path):
               help="torch.export-based exporter, or the TorchScript-based one.")
 @click.option("--dynamic-batch", is_flag=True, help="Make dimension 0 of every input and output dynamic.")
 @click.option("--optimize", is_flag=True,
-              help="Run normfold's passes on the export (fold-wn, fold-bn, fuse, fold-affine, cleanup; see `optimize`).")
+              help="Run normfold's passes on the export (canonicalize, fold-wn, fold-bn, fuse, fold-affine, cleanup; see `optimize`).")
 @click.option("--verify", "verify_after", is_flag=True,
               help="Verify the written model against the module (exit 1 on mismatch).")
 @tolerance_options

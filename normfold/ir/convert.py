@@ -45,10 +45,105 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
+def refresh_shapes(graph: gs.Graph) -> None:
+    """Infer the shapes of `graph`'s main-graph tensors that are still unknown again, on
+    the graph as it is now: once constant folding has made computed Reshape targets and
+    pads constants, inference gets further. Large weights are not copied."""
+    unknown = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Variable) and _vague(t.shape)}
+    if not unknown:
+        return
+    opsets = getattr(graph, "import_domains", None) or [onnx.helper.make_opsetid("", graph.opset)]
+    like = onnx.helper.make_model(onnx.helper.make_graph([], graph.name or "graph", [], []), opset_imports=opsets)
+    model, _ = export_detached(graph, like)
+    try:
+        inferred = _infer_shapes(skeleton(model))
+    except (onnx.shape_inference.InferenceError, RuntimeError):
+        return
+    for info in inferred.graph.value_info:
+        tensor, kind = unknown.get(info.name), info.type.tensor_type
+        if tensor is None or not info.type.HasField("tensor_type") or not kind.HasField("shape"):
+            continue
+        shape = _dims(info)
+        if tensor.shape is None or _known_dims(shape) > _known_dims(tensor.shape):
+            tensor.shape = shape
+        if tensor.dtype is None and kind.elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type)
+
+
+def _vague(shape) -> bool:
+    """Whether `shape` is unknown or has a dimension that is not a number."""
+    return shape is None or not all(isinstance(d, int) and d >= 0 for d in shape)
+
+
+def _known_dims(shape) -> int:
+    return sum(isinstance(d, int) and d >= 0 for d in shape)
+
+
 def _infer_shapes(skel: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx shape inference on `skel` (modified), then once more with each `Shape`
-    of a tensor of static shape written as a constant: onnx's data propagation
-    does not always carry such shapes into the `Reshape` that reads them."""
+    """Shapes from the best source: onnx shape inference on `skel` (modified), once more
+    with each `Shape` of a tensor of static shape written as a constant (onnx's data
+    propagation does not always carry such shapes into the `Reshape` that reads them),
+    and, for what is still unknown, onnxruntime's symbolic shape inference, which follows
+    shape arithmetic (Shape→Gather→Concat→Reshape, as TorchScript opset-13 exports
+    compute attention reshapes) much further."""
+    untouched = onnx.ModelProto()
+    untouched.CopyFrom(skel)  # symbolic inference reads Shape nodes as Shape nodes
+    inferred = _static_shapes_as_constants(skel)
+    unknown = _unshaped(inferred.graph)
+    if unknown:
+        _add_symbolic_shapes(untouched, inferred, unknown)
+    return inferred
+
+
+def _unshaped(graph: onnx.GraphProto) -> set[str]:
+    """Names of the node outputs of `graph` (main graph only) whose inferred shape is
+    missing or has a dimension that is not a number."""
+    shaped = {vi.name for vi in (*graph.value_info, *graph.output, *graph.input) if vi.type.HasField("tensor_type")
+              and vi.type.tensor_type.HasField("shape") and not _vague(_dims(vi))}
+    return {out for node in graph.node for out in node.output if out and out not in shaped}
+
+
+def _dims(info: onnx.ValueInfoProto) -> list:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in info.type.tensor_type.shape.dim]
+
+
+def _add_symbolic_shapes(skel: onnx.ModelProto, inferred: onnx.ModelProto, unknown: set[str]) -> None:
+    """Give the `unknown` tensors of `inferred` the shapes onnxruntime's symbolic shape
+    inference finds for `skel` where they say more (nothing when it cannot run)."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        with _quiet_logging():
+            symbolic = SymbolicShapeInference.infer_shapes(skel, auto_merge=True, guess_output_rank=False)
+    except Exception:  # it raises many types (unknown ops, sympy); plain inference stands
+        return
+    if symbolic is None:
+        return
+    known = {vi.name: vi for vi in inferred.graph.value_info}
+    found = {vi.name: vi for vi in symbolic.graph.value_info if vi.name in unknown and
+             vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape") and
+             (vi.name not in known or _known_dims(_dims(vi)) > _known_dims(_dims(known[vi.name])))}
+    kept = [vi for vi in inferred.graph.value_info if vi.name not in found]
+    del inferred.graph.value_info[:]
+    inferred.graph.value_info.extend(kept + list(found.values()))
+
+
+@contextmanager
+def _quiet_logging():
+    """Silence the warnings symbolic shape inference logs while it runs."""
+    import logging
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _static_shapes_as_constants(skel: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference on `skel` (modified), and once more after each `Shape` of
+    a tensor of static shape is written as a constant."""
     inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
     static = {}
     for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):

@@ -18,7 +18,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 # Ops whose output is not a function of their inputs: never evaluated as constants.
-_NON_DETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+NON_DETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 _MAX_CONSTANT_SUBGRAPH = 64  # nodes; bigger constant subgraphs are not evaluated
 
 
@@ -175,7 +175,7 @@ def _evaluate(tensor: gs.Variable, opset: int) -> np.ndarray:
         node = producer(t)
         if node is None:
             raise NotConstant(f"'{tensor.name}' depends on graph input '{t.name}'")
-        if node.op in _NON_DETERMINISTIC or not is_standard(node):
+        if node.op in NON_DETERMINISTIC or not is_standard(node):
             raise NotConstant(f"'{tensor.name}' depends on {node.op} node '{node.name}'")
         if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
             raise NotConstant(f"'{tensor.name}' depends on control flow node '{node.name}'")
@@ -185,9 +185,7 @@ def _evaluate(tensor: gs.Variable, opset: int) -> np.ndarray:
         if node.op == "Shape" and _static_shape(node.inputs[0]) is not None:
             leaves[t.name] = _shape_value(node)
             continue
-        with names_kept(v._values.tensor for v in node.attrs.values()
-                        if isinstance(v, gs.Constant) and type(v._values) is LazyValues):
-            proto = OnnxExporter.export_node(node)
+        proto = _node_proto(node)
         reads = [i for i in node.inputs if i.name]
         if node.op == "CastLike" and _static_dtype(node.inputs[1]) is not None:
             proto = onnx.helper.make_node("Cast", [proto.input[0]], list(proto.output), to=_static_dtype(node.inputs[1]))
@@ -196,19 +194,44 @@ def _evaluate(tensor: gs.Variable, opset: int) -> np.ndarray:
         if len(nodes) > _MAX_CONSTANT_SUBGRAPH:
             raise NotConstant(f"'{tensor.name}' is computed by a large subgraph")
         stack.extend(reads)
+    (value,) = _run_reference(_in_order(list(nodes.values()), set(leaves)), leaves, [tensor.name], opset)
+    return value
+
+
+def evaluate_node(node: gs.Node, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
+    """The outputs of standard-domain `node` for the input values `inputs` (None for an
+    omitted optional input), computed by onnx.reference at `opset`; raises NotConstant
+    when it cannot be evaluated."""
+    proto = _node_proto(node)
+    names = [f"in{i}" if value is not None else "" for i, value in enumerate(inputs)]
+    del proto.input[:]
+    proto.input.extend(names)
+    leaves = {name: value for name, value in zip(names, inputs) if value is not None}
+    return _run_reference([proto], leaves, [o for o in proto.output], opset)
+
+
+def _node_proto(node: gs.Node) -> onnx.NodeProto:
+    with names_kept(v._values.tensor for v in node.attrs.values()
+                    if isinstance(v, gs.Constant) and type(v._values) is LazyValues):
+        return OnnxExporter.export_node(node)
+
+
+def _run_reference(nodes: list[onnx.NodeProto], leaves: dict[str, np.ndarray], outputs: list[str],
+                   opset: int) -> list[np.ndarray]:
+    """Run `nodes` (in order) over the constant `leaves` with onnx.reference; the `outputs`."""
     graph = onnx.helper.make_graph(
-        _in_order(list(nodes.values()), set(leaves)),
+        nodes,
         "constant",
         inputs=[],
-        outputs=[onnx.helper.make_empty_tensor_value_info(tensor.name)],
+        outputs=[onnx.helper.make_empty_tensor_value_info(name) for name in outputs],
         initializer=[numpy_helper.from_array(np.asarray(v), name) for name, v in leaves.items()],
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=8)
     try:
-        (value,) = onnx.reference.ReferenceEvaluator(model).run(None, {})
+        values = onnx.reference.ReferenceEvaluator(model).run(None, {})
     except Exception as exc:  # the reference evaluator's errors are of many types
-        raise NotConstant(f"'{tensor.name}' could not be evaluated ({type(exc).__name__})") from exc
-    return np.asarray(value)
+        raise NotConstant(f"'{outputs[0]}' could not be evaluated ({type(exc).__name__})") from exc
+    return [np.asarray(v) for v in values]
 
 
 def _check_inputs_constant(tensor: gs.Variable) -> None:
@@ -273,6 +296,11 @@ def _static_dtype(t: gs.Tensor) -> int | None:
     if isinstance(t.dtype, int):
         return t.dtype
     return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+
+
+def static_shape_value(shape_node: gs.Node) -> np.ndarray | None:
+    """The value of a Shape node of a tensor whose shape is fully known, else None."""
+    return _shape_value(shape_node) if _static_shape(shape_node.inputs[0]) is not None else None
 
 
 def _shape_value(shape_node: gs.Node) -> np.ndarray:

@@ -3,11 +3,15 @@
     Identity          its readers read the input instead (kept when it renames a graph input
                       to a graph output, the only way ONNX can express that)
     Dropout           in inference (no mask output read, no training_mode input): as Identity
+    Cast              to the element type its input already has (x.float() of a float tensor)
+    Expand, Reshape   to the static shape its input already has
     dead nodes, unused initializers: removed (onnx-graphsurgeon's cleanup)
 """
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from normfold.report import PassReport
@@ -49,4 +53,24 @@ def _no_op(graph: gs.Graph, node: gs.Node) -> str | None:
     extra_outputs_unused = all(not o.outputs and not is_observable(graph, o) for o in node.outputs[1:])
     if node.op == "Dropout" and len(node.inputs) < 3 and extra_outputs_unused:
         return "inference dropout"
+    if node.op == "Cast" and _same_type(node.inputs[0], int(node.attrs.get("to", 0))):
+        return "cast to its own type"
+    if node.op in ("Expand", "Reshape") and _static(node.inputs[0]) is not None and \
+            _static(node.inputs[0]) == _static(node.outputs[0]):
+        return f"{node.op.lower()} to its own shape"
     return None
+
+
+def _same_type(tensor: gs.Tensor, to: int) -> bool:
+    """Whether `tensor` is known to have ONNX element type `to`."""
+    if tensor.dtype is None or not to:
+        return False
+    try:
+        return np.dtype(tensor.dtype) == onnx.helper.tensor_dtype_to_np_dtype(to)
+    except (TypeError, KeyError, ValueError):
+        return False
+
+
+def _static(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    shape = tensor.shape
+    return tuple(shape) if shape is not None and all(isinstance(d, int) and d >= 0 for d in shape) else None

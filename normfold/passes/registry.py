@@ -18,6 +18,7 @@ from typing import Callable
 
 from normfold.errors import NormfoldError
 from normfold.ops.table import FAMILIES, OPS
+from normfold.passes.canonicalize import canonicalize
 from normfold.passes.cleanup import cleanup
 from normfold.passes.fold_affine import fold_affine
 from normfold.passes.fold_bn import fold_bn
@@ -52,6 +53,9 @@ class PassSpec:
 PASSES: dict[str, PassSpec] = {spec.name: spec for spec in (
     PassSpec("recalibrate", recalibrate_graph, "AdaBN: BatchNorm statistics re-estimated on target data",
              {"data": None, "progress": None}, needs_data=True),
+    PassSpec("canonicalize", canonicalize, "the form the other passes match on: constant (weight-side) subgraphs "
+             "evaluated once, exactly; no-op Identity/Cast/Expand/Reshape dropped", {"exclude": frozenset()},
+             watched=("Shape", "Cast", "Identity", "BatchNormalization")),
     PassSpec("fold-wn", fold_weight_norm, "weight norm / standardisation / cosine-normalised weights computed "
              "offline, first, so that BatchNorm folds into constant weights", {"exclude": frozenset()},
              watched=WEIGHT_OPS),
