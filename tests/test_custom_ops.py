@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from normfold.ops.library import ops_library_path
 from normfold.ops.table import DOMAIN
@@ -457,3 +457,26 @@ def test_bad_shapes_known_only_at_run_time_fail_in_run(op, inputs, attrs, messag
     session = make_session(one_node(op, inputs, attrs, static=False))
     with pytest.raises(Exception, match=message):
         session.run(None, {k: v for k, v in inputs.items() if v is not None})
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_input_of_unknown_rank_leaves_the_output_undeclared(optimize, tmp_path):
+    """A Reshape to a run-time shape gives X an unknown rank, which reaches the op's shape inference as
+    rank 0; declared as is, the output would be a scalar and the next MatMul refused (zoo: SwinUNETR)."""
+    d = 8
+    nodes = [helper.make_node("Reshape", ["data", "shape"], ["x"]),
+             helper.make_node("LayerNorm", ["x", "g", "b"], ["y"], domain=DOMAIN, axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["y", "w"], ["z"])]
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((d, d)).astype(np.float32)
+    inits = [numpy_helper.from_array(np.ones(d, np.float32), "g"), numpy_helper.from_array(np.zeros(d, np.float32), "b"),
+             numpy_helper.from_array(w, "w")]
+    graph = helper.make_graph(nodes, "unknown_rank", [helper.make_tensor_value_info("data", TensorProto.FLOAT, [2, 4, d]),
+                                                      helper.make_tensor_value_info("shape", TensorProto.INT64, [None])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)],
+                              ir_version=9)
+    x = rng.standard_normal((2, 4, d)).astype(np.float32)
+    z = make_session(model, optimize=optimize).run(None, {"data": x, "shape": np.array([8, d], np.int64)})[0]
+    y = F.layer_norm(torch.from_numpy(x).reshape(8, d), (d,), eps=1e-5).numpy()
+    np.testing.assert_allclose(z, y @ w, rtol=1e-5, atol=1e-5)

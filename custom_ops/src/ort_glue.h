@@ -133,7 +133,8 @@ struct Kernel {
 /// struct: the lite API's ShapeInferContext::SetOutputShape would declare a float output whatever the
 /// input type.) A size onnxruntime does not know reaches us as -1 without a name; handed back as is, the
 /// -1 would be taken for a size (reshape targets with two -1, MatMuls of "incompatible" sizes), so each
-/// such size gets a fresh symbolic name: unknown, and unrelated to any other size.
+/// such size gets a fresh symbolic name: unknown, and unrelated to any other size. An input of unknown
+/// rank comes as rank 0: the output is then left undeclared (declared, it would be a scalar).
 inline OrtStatusPtr ORT_API_CALL same_as_input(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   const OrtApi& api = Ort::GetApi();
   OrtTensorTypeAndShapeInfo* input = nullptr;  // owned by the context
@@ -142,7 +143,7 @@ inline OrtStatusPtr ORT_API_CALL same_as_input(const OrtCustomOp*, OrtShapeInfer
   size_t rank = 0;
   if (OrtStatus* status = api.GetTensorElementType(input, &type)) return status;
   if (OrtStatus* status = api.GetDimensionsCount(input, &rank)) return status;
-  if (rank == 0) return api.ShapeInferContext_SetOutputTypeShape(ctx, 0, input);  // rank unknown (or a scalar)
+  if (rank == 0) return nullptr;  // rank unknown (X is never a scalar): a rank-0 shape would declare one
   std::vector<int64_t> dims(rank);
   std::vector<const char*> names(rank);
   if (OrtStatus* status = api.GetDimensions(input, dims.data(), rank)) return status;
