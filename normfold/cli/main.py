@@ -19,6 +19,7 @@ from normfold.cli.options import (check_from, check_options, configs_option, jso
 from normfold.errors import EXIT_BAD_INPUT, NormfoldError
 from normfold.ops.table import FAMILIES, FAMILY_TITLES
 from normfold.passes.registry import PASS_ORDER
+from normfold.pipeline.speed_check import DEFAULT_BUDGET_S
 
 INTERNAL_ERROR = 3
 
@@ -438,12 +439,21 @@ def bench_command(model, other, shapes, inputs_path, seed, samples, provider, th
                    "the same inputs as MODEL (after recalibration: the recalibrated model) and compare; roll "
                    "back the rewrites that break it, and write nothing if it still fails.")
 @configs_option
+@click.option("--measure/--no-measure", "measure", default=True, show_default=True,
+              help="Time the result against MODEL on the CPU provider (fresh sessions, onnxruntime "
+                   "optimizations on, interleaved rounds on the inputs below) and leave unfused each kind that "
+                   "makes it slower beyond noise.")
+@click.option("--measure-budget", type=click.FloatRange(min=0.0), default=DEFAULT_BUDGET_S, show_default=True,
+              metavar="SECONDS", help="Time for the timed runs of the speed check (at least 5 rounds per timing; "
+                                      "one session and one warm-up run per model come on top).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads of the speed check (default: onnxruntime's choice).")
 @data_options
 @tolerance_options
 @json_option
 @quiet_option
-def optimize_command(model, output, inplace, pass_names, calibration, target, portable, check, configs, shapes,
-                     inputs_path, seed, samples, atol, rtol, json_path, quiet):
+def optimize_command(model, output, inplace, pass_names, calibration, target, portable, check, configs, measure,
+                     measure_budget, threads, shapes, inputs_path, seed, samples, atol, rtol, json_path, quiet):
     """Run every normfold pass, then prove the result equivalent.
 
     Passes, in this order: recalibrate (with --data), fold-wn (weights computed
@@ -456,6 +466,12 @@ def optimize_command(model, output, inplace, pass_names, calibration, target, po
     place only if every output matches; rewrites that break it are rolled
     back and listed with the reason; exit 1 and nothing written if it still
     fails. MODEL is never modified unless --inplace.
+
+    Never slower: first, the result is timed against MODEL on the CPU provider (at
+    most --measure-budget seconds of timed runs, default 6); when it is slower
+    beyond noise, each fused kind is left out in turn and those that cost time
+    stay unfused. The report gives the measured speed-up with its noise and
+    what was reverted. --no-measure skips it.
 
     \b
     Example:
@@ -473,6 +489,8 @@ def optimize_command(model, output, inplace, pass_names, calibration, target, po
                             calibration=calibration,
                             check=check_from(check, configs, inputs=inputs_path, shapes=shapes, seed=seed,
                                              samples=samples, atol=atol, rtol=rtol),
+                            measure=dict(inputs=inputs_path, shapes=list(shapes), seed=seed, threads=threads,
+                                         budget_s=measure_budget) if measure else None,
                             progress=progress_for(quiet, json_path))
     _emit_written(summary, json_path, quiet, print_optimized)
 

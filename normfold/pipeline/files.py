@@ -18,6 +18,7 @@ from normfold.ir.convert import count_ops
 from normfold.passes.registry import FUSE_FAMILIES, PASSES, steps, watched_ops
 from normfold.pipeline.deploy_check import CheckOptions, DeployChecker, Exclusions, Rollback, write_checked
 from normfold.pipeline.runner import run_passes
+from normfold.pipeline.speed_check import SpeedCheck, check_speed
 from normfold.progress import Progress
 from normfold.report import PassReport
 from normfold.verify.report import VerifyReport
@@ -39,6 +40,7 @@ class RunSummary:
     watched_ops: tuple[str, ...] = ("BatchNormalization",)
     verification: VerifyReport | None = None  # the output check (None: skipped with --no-check)
     rollbacks: list[Rollback] = field(default_factory=list)
+    speed: SpeedCheck | None = None  # the speed check (None: skipped with --no-measure)
 
     def watch(self, ops: tuple[str, ...]) -> None:
         """Show the counts of those of `ops` present before or after."""
@@ -65,6 +67,7 @@ class RunSummary:
             "checked": self.verification is not None,
             **({"verification": self.verification.to_dict()} if self.verification else {}),
             "rollbacks": [r.to_dict() for r in self.rollbacks],
+            **({"speed": self.speed.to_dict()} if self.speed else {}),
         }
 
 
@@ -170,16 +173,25 @@ def rewrite_file(model_path: Path, out: Path, inplace: bool, passes: tuple[str, 
 
 def optimize_file(model_path: Path, out: Path, *, inplace: bool, passes: tuple[str, ...], target: str = "auto",
                   portable: bool = True, calibration=None, check: CheckOptions | None = DEFAULT_CHECK,
-                  progress: Progress | None = None) -> RunSummary:
+                  measure: dict | None = None, progress: Progress | None = None) -> RunSummary:
     """`normfold optimize` on files: every selected pass, then the output check
     against the input model (or, after recalibration, against the recalibrated
     model); a model that fails it even after rollbacks is not written.
 
     check: inputs, shapes, seed, samples, tolerances and configurations of the
     check (`CheckOptions`); None skips it.
+    measure: keyword arguments of `normfold.pipeline.speed_check.check_speed` (inputs,
+    shapes, seed, provider, threads, budget_s): the fused kinds that make the model
+    slower are not fused; None skips the speed check.
     """
-    return rewrite_file(
+    speed = None
+    if measure is not None:
+        speed = check_speed(load_model(model_path).model, passes, target=target, portable=portable,
+                            progress=progress, **measure)
+    summary = rewrite_file(
         model_path, out, inplace, passes,
-        {"data": calibration, "progress": progress, "ops": FUSE_FAMILIES, "target": target},
+        {"data": calibration, "progress": progress, "ops": speed.kept if speed else FUSE_FAMILIES, "target": target},
         portable=portable, check=check, progress=progress,
     )
+    summary.speed = speed
+    return summary
