@@ -206,5 +206,6 @@ void add_layer_norm(OpList& ops);
 void add_rms_norm(OpList& ops);
 void add_filter_response_norm(OpList& ops);
 void add_weight_norm(OpList& ops);
+void add_skip_norms(OpList& ops);  // SkipLayerNorm, SkipRMSNorm
 
 }  // namespace normfold

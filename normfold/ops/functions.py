@@ -117,12 +117,27 @@ def _layer_norm(b: _Body) -> str:
     return b.op("Reshape", b.affine(y, "scale", "bias", [-1, 1]), b.op("Shape", x))
 
 
-def _rms_norm(b: _Body) -> str:
-    x = b.compute("X")
+def _rms_norm(b: _Body, x: str = "X", centered: bool = False, bias: str | None = None) -> str:
+    """RMSNorm of `x` over axes [axis, rank); `centered` with `bias`: a last-axes LayerNorm."""
+    x = b.compute(x)
     axis = b.op("Reshape", b.attr("axis", "int"), b.const([1]))
     rows = b.op("Reshape", x, b.shape(b.reduce("ReduceProd", b.dims(x, 0, axis), [0]), [-1]))
-    y = b.affine(b.standardize(rows, 1, b.scalar("epsilon"), centered=False), "scale", None, [-1])
+    y = b.affine(b.standardize(rows, 1, b.scalar("epsilon"), centered=centered), "scale", bias, [-1])
     return b.op("Reshape", y, b.op("Shape", x))
+
+
+def _residual_sum(b: _Body) -> str:
+    """Output `sum` = X + skip, in the input type (as the Add it replaces)."""
+    b.nodes.append(helper.make_node("Add", ["X", "skip"], ["sum"]))
+    return "sum"
+
+
+def _skip_layer_norm(b: _Body) -> str:
+    return _rms_norm(b, _residual_sum(b), centered=True, bias="bias")
+
+
+def _skip_rms_norm(b: _Body) -> str:
+    return _rms_norm(b, _residual_sum(b))
 
 
 def _filter_response_norm(b: _Body) -> str:
@@ -146,7 +161,9 @@ def _weight_norm(b: _Body) -> str:
 
 
 _BODIES = {"GroupNorm": _group_norm, "LayerNorm": _layer_norm, "RMSNorm": _rms_norm,
-           "FilterResponseNorm": _filter_response_norm, "WeightNorm": _weight_norm}
+           "FilterResponseNorm": _filter_response_norm, "WeightNorm": _weight_norm,
+           "SkipLayerNorm": _skip_layer_norm, "SkipLayerNormSum": _skip_layer_norm, "SkipRMSNorm": _skip_rms_norm,
+           "SkipRMSNormSum": _skip_rms_norm}
 
 
 def make_function(op: str, elem_type: int, opset: int) -> onnx.FunctionProto:
@@ -164,7 +181,7 @@ def make_function(op: str, elem_type: int, opset: int) -> onnx.FunctionProto:
     signature = OPS[op]
     defaults = [helper.make_attribute(k, v) for k, v in signature.attributes.items() if v is not None]
     required = [k for k, v in signature.attributes.items() if v is None]
-    return helper.make_function(DOMAIN, op, list(signature.inputs), ["Y"], b.nodes, [helper.make_opsetid("", opset)],
+    return helper.make_function(DOMAIN, op, list(signature.inputs), list(signature.outputs), b.nodes, [helper.make_opsetid("", opset)],
                                 attributes=required, attribute_protos=defaults,
                                 doc_string=f"com.normfold.{op} in standard ONNX ops (normfold); T = "
                                            f"{TensorProto.DataType.Name(elem_type).lower()}")

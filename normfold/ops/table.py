@@ -29,6 +29,7 @@ class OpKind:
     neutral: tuple = ()  # per parameter after X: the value meaning "left out" (None: never left out)
     standard: tuple[str, int] | None = None  # (standard op, first opset with the semantics we need)
     auto_standard: bool = False  # --target auto writes the standard op where the opset has it
+    outputs: tuple[str, ...] = ("Y",)  # formal outputs; those after Y are optional
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -52,6 +53,13 @@ OPS: dict[str, OpKind] = {k.op: k for k in (
     OpKind("FilterResponseNorm", "frn", ("X", "gamma", "beta", "tau"),
            {"epsilon": 1e-6, "use_tlu": 1}, neutral=(None, None, 0.0)),
     OpKind("WeightNorm", "wn", ("V", "g"), {"dim": 0}),
+    # a residual add fused into a last-axes norm (sum = X + skip), benchmarks/RESULTS_skip.md; CPU kernels
+    # only. The ...Sum ops also output the sum, for its other readers (one op each: a function body's
+    # outputs are fixed, and a node must give them all for onnxruntime to inline it)
+    *(OpKind(f"{op}{suffix}", family, ("X", "skip", "scale", *bias), {"axis": -1, "epsilon": epsilon},
+             neutral=(None, None, *(0.0,) * len(bias)), outputs=outputs)
+      for op, family, bias, epsilon in (("SkipLayerNorm", "ln", ("bias",), 1e-5), ("SkipRMSNorm", "rms", (), None))
+      for suffix, outputs in (("", ("Y",)), ("Sum", ("Y", "sum")))),
 )}
 
 FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(k.family for k in OPS.values()))
