@@ -1,0 +1,267 @@
+"""Residual add fused into the norm: com.normfold.SkipLayerNorm / SkipRMSNorm (and the ...Sum ops
+that also output the sum) against PyTorch, with and without normfold's library, and the fuse
+pass that writes them (normfold.passes.fuse.residual_add)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+
+import normfold
+from normfold.ops.library import ops_library_path
+from normfold.ops.portable import embed_functions
+from normfold.runtime.session import make_session
+from tests.helpers.graphs import G, count_op, ort_run
+from tests.helpers.norm_graphs import affine, layer_norm, normalize
+
+ONNX_TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
+LEVELS = {"ORT_DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+          "ORT_ENABLE_ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def skip_model(op: str, shape, d: int, dtype=np.float32, with_sum: bool = False, bias: bool = True,
+               attrs: dict | None = None, static: bool = True) -> onnx.ModelProto:
+    """One com.normfold Skip* node on graph inputs X, skip, scale (and bias), with its function body."""
+    elem = ONNX_TYPES[dtype]
+    names = ["X", "skip", "scale", *(["bias"] if bias and op == "SkipLayerNorm" else [])]
+    shapes = {"X": shape, "skip": shape, "scale": (d,), "bias": (d,)}
+    outputs = ["Y", "sum"] if with_sum else ["Y"]
+    node = helper.make_node(op + ("Sum" if with_sum else ""), names, outputs, domain="com.normfold",
+                            **({"epsilon": 1e-5} if attrs is None else attrs))
+    graph = helper.make_graph([node], op, [helper.make_tensor_value_info(n, elem, list(shapes[n]) if static else None)
+                                           for n in names],
+                              [helper.make_tensor_value_info(o, elem, None) for o in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.normfold", 1)],
+                              ir_version=10)
+    leaves_out_bias = op == "SkipLayerNorm" and not bias  # bodies take every input: such a node has none
+    assert bool(embed_functions(model).skipped) == leaves_out_bias
+    return model
+
+
+def feeds_for(op, shape, d, dtype, rng, offset=0.0, bias=True):
+    feeds = {"X": (rng.standard_normal(shape) * 2 + offset).astype(dtype),
+             "skip": rng.standard_normal(shape).astype(dtype), "scale": (rng.standard_normal(d) + 1).astype(dtype)}
+    if bias and op == "SkipLayerNorm":
+        feeds["bias"] = rng.standard_normal(d).astype(dtype)
+    return feeds
+
+
+def reference(op, feeds, axis=-1, epsilon=1e-5):
+    """float64 PyTorch of the sum rounded to the input type (as the Add it replaces)."""
+    dtype = feeds["X"].dtype
+    total = (feeds["X"].astype(np.float32 if dtype == np.float16 else dtype) + feeds["skip"]).astype(dtype)
+    s = torch.from_numpy(total.astype(np.float64))
+    dims = s.shape[axis % s.dim():]
+    scale = torch.from_numpy(feeds["scale"].astype(np.float64)).reshape(dims)
+    if op == "SkipLayerNorm":
+        bias = torch.from_numpy(feeds["bias"].astype(np.float64)).reshape(dims) if "bias" in feeds else None
+        y = F.layer_norm(s, dims, scale, bias, epsilon)
+    else:
+        y = F.rms_norm(s, dims, scale, epsilon)
+    return y.numpy(), total
+
+
+def assert_close(y, ref, dtype):
+    scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+    err = np.abs(y.astype(np.float64) - ref)
+    if dtype == np.float16:
+        allowed = np.spacing(np.abs(ref).astype(np.float16)).astype(np.float64) + 1e-5 * scale
+    else:
+        allowed = np.full(ref.shape, (1e-5 if dtype == np.float32 else 1e-12) * scale)
+    assert np.all(err <= allowed), f"max error {err.max()} (allowed {allowed.max()})"
+
+
+def run_library(model, feeds, threads=2):
+    return make_session(model, threads=threads).run(None, feeds)
+
+
+# ------------------------------------------------------------------------ kernels vs PyTorch
+
+@settings(max_examples=40)
+@given(op=st.sampled_from(["SkipLayerNorm", "SkipRMSNorm"]), rows=st.integers(1, 9), d=st.integers(1, 1500),
+       offset=st.sampled_from([0.0, 100.0]), with_sum=st.booleans(), bias=st.booleans(), seed=st.integers(0, 99))
+def test_skip_norm_matches_torch(op, rows, d, offset, with_sum, bias, seed):
+    rng = np.random.default_rng(seed)
+    shape = (rows, d) if rows % 2 else (1, rows, d)
+    feeds = feeds_for(op, shape, d, np.float32, rng, offset, bias)
+    got = run_library(skip_model(op, shape, d, with_sum=with_sum, bias=bias), feeds)
+    want, total = reference(op, feeds)
+    assert_close(got[0], want, np.float32)
+    if with_sum:
+        np.testing.assert_array_equal(got[1], total)
+
+
+@pytest.mark.parametrize("op", ["SkipLayerNorm", "SkipRMSNorm"])
+@pytest.mark.parametrize("shape", [(2, 100_000), (3, 70_001), (64, 3000)])  # rows split across tasks, or not
+@pytest.mark.parametrize("with_sum", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_skip_norm_large_rows_and_threads(op, shape, with_sum, threads, rng):
+    feeds = feeds_for(op, shape, shape[-1], np.float32, rng)
+    got = run_library(skip_model(op, shape, shape[-1], with_sum=with_sum), feeds, threads)
+    want, total = reference(op, feeds)
+    assert_close(got[0], want, np.float32)
+    if with_sum:
+        np.testing.assert_array_equal(got[1], total)
+
+
+@pytest.mark.parametrize("op", ["SkipLayerNorm", "SkipRMSNorm"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+@pytest.mark.parametrize("with_sum", [False, True])
+def test_skip_norm_fp16_fp64(op, dtype, with_sum, rng):
+    shape = (4, 7, 384)
+    feeds = feeds_for(op, shape, 384, dtype, rng)
+    got = run_library(skip_model(op, shape, 384, dtype, with_sum), feeds)
+    want, total = reference(op, feeds)
+    assert got[0].dtype == dtype
+    assert_close(got[0], want, dtype)
+    if with_sum:
+        np.testing.assert_array_equal(got[1], total)  # the sum in the input type, as onnxruntime's Add
+
+
+def test_skip_norm_axis_over_two_axes_and_dynamic_shapes(rng):
+    shape = (3, 5, 8, 16)
+    feeds = feeds_for("SkipLayerNorm", shape, 128, np.float32, rng)
+    got = run_library(skip_model("SkipLayerNorm", shape, 128, attrs={"axis": -2, "epsilon": 1e-3}, static=False),
+                      feeds)
+    assert_close(got[0], reference("SkipLayerNorm", feeds, axis=-2, epsilon=1e-3)[0], np.float32)
+
+
+@pytest.mark.parametrize("op, attrs, shapes, message", [
+    ("SkipRMSNorm", {}, {}, "SkipRMSNorm: epsilon must be set"),
+    ("SkipLayerNorm", {"epsilon": -1.0}, {}, "epsilon must be >= 0"),
+    ("SkipLayerNorm", {"epsilon": 1e-5}, {"skip": (2, 3, 9)}, "skip must have X's shape"),
+    ("SkipLayerNorm", {"epsilon": 1e-5, "axis": 3}, {}, "axis=3 is out of range"),
+    ("SkipRMSNorm", {"epsilon": 1e-5}, {"scale": (7,)}, "scale"),
+])
+def test_bad_attributes_and_shapes_fail_at_session_creation(op, attrs, shapes, message):
+    model = skip_model(op, (2, 3, 8), 8, attrs=attrs)
+    for value in model.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            dims.extend(onnx.TensorShapeProto.Dimension(dim_value=v) for v in shapes[value.name])
+    with pytest.raises(normfold.NormfoldError, match=message):
+        make_session(model)
+
+
+# ------------------------------------------------------------- with and without the library
+
+@pytest.mark.parametrize("op", ["SkipLayerNorm", "SkipRMSNorm"])
+@pytest.mark.parametrize("with_sum", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_function_bodies_match_the_kernels(op, with_sum, dtype, level, rng):
+    shape = (2, 6, 96)
+    model = skip_model(op, shape, 96, dtype, with_sum)
+    feeds = feeds_for(op, shape, 96, dtype, rng)
+    want, total = reference(op, feeds)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = LEVELS[level]
+    plain = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    options.register_custom_ops_library(ops_library_path())
+    with_library = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    runs = {"library": with_library.run(None, feeds), "inlined body": plain.run(None, feeds)}
+    if dtype == np.float32:
+        runs["onnx.reference"] = ReferenceEvaluator(model).run(None, feeds)
+    tolerance = 2e-3 if dtype == np.float16 else 1e-5
+    for way, got in runs.items():
+        assert len(got) == (2 if with_sum else 1), way
+        error = np.abs(got[0].astype(np.float64) - want).max() / max(1.0, np.abs(want).max())
+        assert error <= tolerance, f"{way}: relative error {error:.2e}"
+        if with_sum:
+            np.testing.assert_array_equal(got[1], total, err_msg=way)
+
+
+# --------------------------------------------------------------------------- the fuse pass
+
+def block(kind: str, opset: int = 16, read_sum: bool = False, sum_is_output: bool = False, residual: str = "input",
+          dynamic: bool = False):
+    """x + r → decomposed LayerNorm/RMSNorm over the last axis (+affine); the sum optionally read by a Mul
+    or a graph output; `residual`: "input" (computed), "constant" (a bias add) or "broadcast" ([1, 1, 64])."""
+    g = G(opset=opset, rng=np.random.default_rng(5))
+    batch = "B" if dynamic else 2
+    x = g.input([batch, 8, 64], name="x", value=g.rng.standard_normal((2, 8, 64)))
+    if residual == "input":
+        r = g.op("Relu", [g.input([batch, 8, 64], name="r", value=g.rng.standard_normal((2, 8, 64)))])
+    elif residual == "constant":
+        r = g.const(g.randn([64]))
+    else:
+        r = g.input([1, 1, 64], name="r")
+    s = g.op("Add", [x, r], outputs=["s"])
+    if kind == "ln":
+        y = affine(g, layer_norm(g, s, [-1], 1e-5), g.randn([64]) + 1, g.randn([64]))
+    else:
+        y = affine(g, normalize(g, s, [-1], 1e-6), g.randn([64]) + 1)
+    g.op("Identity", [y], outputs=["y"])
+    g.output("y")
+    if read_sum:
+        g.op("Mul", [s, g.const(np.array(2.0))], outputs=["s2"])
+        g.output("s2")
+    if sum_is_output:
+        g.output("s")
+    return g.model(), g.feeds
+
+
+def custom_ops(model):
+    return sorted(n.op_type for n in model.graph.node if n.domain == "com.normfold")
+
+
+@pytest.mark.parametrize("kind, op", [("ln", "SkipLayerNorm"), ("rms", "SkipRMSNorm")])
+@pytest.mark.parametrize("read_sum, sum_is_output", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("target", ["auto", "custom"])
+def test_residual_add_is_fused_and_runs_three_ways(kind, op, read_sum, sum_is_output, target):
+    model, feeds = block(kind, read_sum=read_sum, sum_is_output=sum_is_output)
+    fused, report = normfold.fuse(model, target=target)
+    with_sum = read_sum or sum_is_output
+    assert custom_ops(fused) == [op + ("Sum" if with_sum else "")]
+    assert count_op(fused, "Add") == 0
+    assert any(c.into == f"com.normfold.{op}{'Sum' if with_sum else ''}" for c in report.changes)
+    assert not report.skipped
+    want = ort_run(model, feeds)
+    onnx.checker.check_model(fused, full_check=True)
+    for name, level in LEVELS.items():
+        for library in (True, False):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = level
+            if library:
+                options.register_custom_ops_library(ops_library_path())
+            got = ort.InferenceSession(fused.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"]).run(None, feeds)
+            assert [o.name for o in fused.graph.output] == [o.name for o in model.graph.output]
+            for a, b in zip(got, want):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{name}, library {library}")
+
+
+def test_dynamic_batch_of_equal_symbols_is_fused():
+    model, feeds = block("ln", dynamic=True)
+    fused, _ = normfold.fuse(model)
+    assert custom_ops(fused) == ["SkipLayerNorm"]
+    np.testing.assert_allclose(make_session(fused).run(None, feeds)[0], ort_run(model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("residual", ["constant", "broadcast"])
+def test_bias_adds_and_broadcasts_are_not_fused(residual):
+    model, _ = block("ln", residual=residual)
+    fused, _ = normfold.fuse(model)
+    assert custom_ops(fused) == ["LayerNorm"] and count_op(fused, "Add") == 1
+
+
+def test_standard_layer_norm_is_left_to_onnxruntime():
+    model, _ = block("ln", opset=17)  # auto writes LayerNormalization-17: onnxruntime fuses the add itself
+    fused, _ = normfold.fuse(model)
+    assert custom_ops(fused) == [] and count_op(fused, "LayerNormalization") == 1 and count_op(fused, "Add") == 1
+    custom, _ = normfold.fuse(model, target="custom")
+    assert custom_ops(custom) == ["SkipLayerNorm"]
+
+
+def test_only_the_families_asked_for():
+    model, _ = block("rms")
+    fused, _ = normfold.fuse(model, ops=("ln",))
+    assert custom_ops(fused) == []
