@@ -1,4 +1,4 @@
-"""Does fusing the residual add into the norm pay off? `Add(X, skip) → norm` against the fused ops.
+"""Does fusing an add into the norm pay off? `Add(X, skip) → norm` against the fused ops.
 
 Each case (an op at one shape) runs in its own process (a fresh onnxruntime environment, as
 deployed), CPU provider, `--threads` intra-op threads, onnxruntime optimizations on for every
@@ -12,7 +12,13 @@ of the interquartile range of those per-round ratios as the noise:
                   into its own SkipLayerNormalization)
   skip            com.normfold.SkipLayerNorm / SkipRMSNorm (sum not output)
   skip+sum        the same, with the sum as a second output (another node reads it)
-  copy            numpy copy of 3 tensors' bytes (read X and skip, write Y): the memory floor
+  copy            numpy X + skip into Y (read both, write one): the memory floor
+
+and for `Add(X, t[N, C, 1, 1]) → GroupNorm(32 groups) + SiLU` (the time-embedding add):
+
+  add+custom      Add → com.normfold.GroupNorm (silu)
+  exported        the exporter's Add → Reshape → InstanceNormalization → Reshape → Mul → Add → Sigmoid → Mul
+  skip            com.normfold.BiasGroupNorm (silu)
 
     python benchmarks/bench_skip.py [--rounds 60] [--threads 2] [--out benchmarks/RESULTS_skip.md]
 """
@@ -34,7 +40,9 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 F = TensorProto.FLOAT
-SHAPES = [(8, 197, 768), (1, 512, 4096), (32, 128, 256)]
+SHAPES = {"LayerNorm": [(8, 197, 768), (1, 512, 4096), (32, 128, 256)],
+          "RMSNorm": [(8, 197, 768), (1, 512, 4096), (32, 128, 256)],
+          "GroupNorm": [(2, 320, 32, 32), (2, 128, 64, 64), (1, 512, 16, 16)]}
 OPS = {"LayerNorm": ("LayerNormalization", 17), "RMSNorm": ("RMSNormalization", 23)}
 
 
@@ -47,7 +55,33 @@ def model(nodes, d, params, opset, outputs=("Y",)):
     return m
 
 
+def group_norm_variants(c: int) -> dict:
+    """Add(X, t[N, C, 1, 1]) → GroupNorm(32 groups)+SiLU: before and after, and as exported."""
+    rng = np.random.default_rng(0)
+    groups = 32
+    params = {"scale": rng.standard_normal(c).astype(np.float32), "bias": rng.standard_normal(c).astype(np.float32)}
+    attrs = {"num_groups": groups, "epsilon": 1e-5, "activation": "silu"}
+    exported = {**params, "gshape": np.array([0, groups, -1], np.int64), "ones": np.ones(groups, np.float32),
+                "zeros": np.zeros(groups, np.float32), "gc": params["scale"].reshape(c, 1, 1),
+                "bc": params["bias"].reshape(c, 1, 1)}
+    add = helper.make_node("Add", ["X", "skip"], ["S"])
+    decomposed = [add, helper.make_node("Reshape", ["S", "gshape"], ["r"]),
+                  helper.make_node("InstanceNormalization", ["r", "ones", "zeros"], ["i"], epsilon=1e-5),
+                  helper.make_node("Shape", ["S"], ["xshape"]), helper.make_node("Reshape", ["i", "xshape"], ["r2"]),
+                  helper.make_node("Mul", ["r2", "gc"], ["m"]), helper.make_node("Add", ["m", "bc"], ["g"]),
+                  helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["Y"])]
+    return {
+        "add+custom": model([add, helper.make_node("GroupNorm", ["S", "scale", "bias"], ["Y"], domain="com.normfold",
+                                                   **attrs)], c, params, 17),
+        "exported": model(decomposed, c, exported, 17),
+        "skip": model([helper.make_node("BiasGroupNorm", ["X", "skip", "scale", "bias"], ["Y"],
+                                        domain="com.normfold", **attrs)], c, params, 17),
+    }
+
+
 def variants(op: str, d: int) -> dict:
+    if op == "GroupNorm":
+        return group_norm_variants(d)
     rng = np.random.default_rng(0)
     params = {"scale": rng.standard_normal(d).astype(np.float32)}
     if op == "LayerNorm":
@@ -74,10 +108,11 @@ def run_case(op: str, shape: tuple, rounds: int, threads: int) -> dict:
     from normfold.ops.library import register_ops
 
     rng = np.random.default_rng(1)
-    x, skip = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    x = rng.standard_normal(shape).astype(np.float32)
+    skip = rng.standard_normal(shape[:2] + (1,) * (len(shape) - 2) if op == "GroupNorm" else shape).astype(np.float32)
     y, s = np.empty_like(x), np.empty_like(x)
     runs = {}
-    for name, m in variants(op, shape[-1]).items():
+    for name, m in variants(op, shape[1] if op == "GroupNorm" else shape[-1]).items():
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
@@ -95,10 +130,8 @@ def run_case(op: str, shape: tuple, rounds: int, threads: int) -> dict:
             b.bind_output("S", "cpu", 0, np.float32, list(shape), s.ctypes.data)
         runs[name] = lambda sess=sess, b=b: sess.run_with_iobinding(b)
 
-    def copy():
-        np.copyto(y, x)
-        np.copyto(s, skip)
-        np.copyto(y, s)  # 3 tensors read, 3 written: an upper bound of the floor's traffic
+    def copy():  # X (and skip) read, Y written
+        np.add(x, skip, out=y)
 
     runs["copy"] = copy
     for f in runs.values():
@@ -140,16 +173,16 @@ def main() -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()
     rows = []
-    for op in OPS:
-        for shape in SHAPES:
+    for op, shapes in SHAPES.items():
+        for shape in shapes:
             case = f"{op}:{'x'.join(map(str, shape))}"
             done = subprocess.run([sys.executable, __file__, "--case", case, "--rounds", str(args.rounds),
                                    "--threads", str(args.threads)], capture_output=True, text=True, check=True)
             rows.append((op, shape, json.loads(done.stdout.strip().splitlines()[-1])))
             print(case, {k: round(v["vs_add_custom"], 3) for k, v in rows[-1][2].items()}, file=sys.stderr)
-    names = ["add+custom", "add+standard", "skip", "skip+sum", "copy"]
+    names = ["add+custom", "add+standard", "exported", "skip", "skip+sum", "copy"]
     lines = [
-        "# Residual add fused into the norm: `benchmarks/bench_skip.py`", "",
+        "# Adds fused into the norm: `benchmarks/bench_skip.py`", "",
         f"- machine: {machine()}",
         f"- command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`",
         f"- date: {started:%Y-%m-%d %H:%M} UTC; load average before {load_before[0]:.2f}, "
@@ -164,7 +197,7 @@ def main() -> None:
         cells = []
         for name in names:
             if name not in result:
-                cells.append("not run")
+                cells.append("—")
             elif name == "add+custom":
                 cells.append(f"{result[name]['ms']:.3f} ms")
             else:

@@ -207,5 +207,6 @@ void add_rms_norm(OpList& ops);
 void add_filter_response_norm(OpList& ops);
 void add_weight_norm(OpList& ops);
 void add_skip_norms(OpList& ops);  // SkipLayerNorm, SkipRMSNorm
+void add_bias_group_norm(OpList& ops);
 
 }  // namespace normfold

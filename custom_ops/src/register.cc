@@ -21,6 +21,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       normfold::add_filter_response_norm(ops);
       normfold::add_weight_norm(ops);
       normfold::add_skip_norms(ops);
+      normfold::add_bias_group_norm(ops);
     }
     Ort::CustomOpDomain domain{normfold::kDomain};
     for (auto& op : ops) domain.Add(op.get());

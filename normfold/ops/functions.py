@@ -91,8 +91,8 @@ class _Body:
         return y if bias is None else self.op("Add", y, self.op("Reshape", self.compute(bias), self.const(shape)))
 
 
-def _group_norm(b: _Body) -> str:
-    x = b.compute("X")
+def _group_norm(b: _Body, x: str = "X") -> str:
+    x = b.compute(x)
     groups = b.op("Reshape", b.attr("num_groups", "int"), b.const([1]))
     y = b.standardize(b.op("Reshape", x, b.shape(b.dims(x, 0, 1), groups, [-1])), 2, b.scalar("epsilon"))
     y = b.affine(b.op("Reshape", y, b.shape(b.dims(x, 0, 2), [-1])), "scale", "bias", [-1, 1])
@@ -102,6 +102,14 @@ def _group_norm(b: _Body) -> str:
                  b.const(["silu"], dtype=object), axis=0)
     is_silu = b.op("Equal", b.op("Shape", b.op("Unique", names)), b.const([1]))
     return b.op("Reshape", b.op("Where", is_silu, silu, y), b.op("Shape", x))
+
+
+def _bias_group_norm(b: _Body) -> str:
+    """GroupNorm of X + add, add ([N, C] values) broadcast over the positions; the sum in X's type."""
+    per_channel = b.dims("X", 0, 2)
+    shifted = b.op("Add", b.op("Reshape", "X", b.shape(per_channel, [-1])),
+                   b.op("Reshape", "add", b.shape(per_channel, [1])))
+    return _group_norm(b, b.op("Reshape", shifted, b.op("Shape", "X")))
 
 
 def _layer_norm(b: _Body) -> str:
@@ -162,7 +170,7 @@ def _weight_norm(b: _Body) -> str:
 
 _BODIES = {"GroupNorm": _group_norm, "LayerNorm": _layer_norm, "RMSNorm": _rms_norm,
            "FilterResponseNorm": _filter_response_norm, "WeightNorm": _weight_norm,
-           "SkipLayerNorm": _skip_layer_norm, "SkipLayerNormSum": _skip_layer_norm, "SkipRMSNorm": _skip_rms_norm,
+           "BiasGroupNorm": _bias_group_norm, "SkipLayerNorm": _skip_layer_norm, "SkipLayerNormSum": _skip_layer_norm, "SkipRMSNorm": _skip_rms_norm,
            "SkipRMSNormSum": _skip_rms_norm}
 
 

@@ -26,7 +26,7 @@ from normfold.passes.fold_weight_norm import fold_weight_norm
 from normfold.ir.verbs import NameScope, is_constant, walk_graphs
 from normfold.ops.table import FAMILIES
 from normfold.passes.fuse.emit import TARGETS, FusedNorm, emit
-from normfold.passes.fuse.residual_add import fuse_residual_adds
+from normfold.passes.fuse.fused_adds import fuse_adds
 from normfold.passes.matching import Match, NoMatch
 
 _MATCHERS: list[tuple[tuple[str, ...], Callable[[Match, gs.Node], FusedNorm]]] = [
@@ -57,7 +57,7 @@ def fuse_norms(graph: gs.Graph, ops: Iterable[str] = FAMILIES, target: str = "au
         for node in list(g.nodes):
             if node.outputs:  # nodes of an earlier match are detached
                 _fuse_at(g, graph.opset, node, ops, target, names, report, where, exclude)
-        fuse_residual_adds(g, graph.opset, ops, names, report, where)
+        fuse_adds(g, graph.opset, ops, names, report, where)
         g.cleanup()
     if "wn" in ops:
         fold_weight_norm(graph, report=report, exclude=exclude)

@@ -1,6 +1,6 @@
-"""Residual add fused into the norm: com.normfold.SkipLayerNorm / SkipRMSNorm (and the ...Sum ops
-that also output the sum) against PyTorch, with and without normfold's library, and the fuse
-pass that writes them (normfold.passes.fuse.residual_add)."""
+"""Adds fused into the norm: com.normfold.SkipLayerNorm / SkipRMSNorm (and the ...Sum ops
+that also output the sum) and BiasGroupNorm against PyTorch, with and without normfold's library, and the fuse
+pass that writes them (normfold.passes.fuse.fused_adds)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from normfold.ops.library import ops_library_path
 from normfold.ops.portable import embed_functions
 from normfold.runtime.session import make_session
 from tests.helpers.graphs import G, count_op, ort_run
-from tests.helpers.norm_graphs import affine, layer_norm, normalize
+from tests.helpers.norm_graphs import affine, group_norm, layer_norm, normalize, silu
 
 ONNX_TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
 LEVELS = {"ORT_DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -265,3 +265,136 @@ def test_only_the_families_asked_for():
     model, _ = block("rms")
     fused, _ = normfold.fuse(model, ops=("ln",))
     assert custom_ops(fused) == []
+
+
+# --------------------------------------------------------- per-channel add fused into GroupNorm
+
+def bias_gn_model(shape, groups, dtype=np.float32, activation="silu", add_shape=None) -> onnx.ModelProto:
+    """One com.normfold.BiasGroupNorm node on graph inputs X, add, scale, bias, with its function body."""
+    elem = ONNX_TYPES[dtype]
+    n, c = shape[:2]
+    shapes = {"X": shape, "add": add_shape or (n, c, *[1] * (len(shape) - 2)), "scale": (c,), "bias": (c,)}
+    node = helper.make_node("BiasGroupNorm", list(shapes), ["Y"], domain="com.normfold", num_groups=groups,
+                            epsilon=1e-5, activation=activation)
+    graph = helper.make_graph([node], "bgn", [helper.make_tensor_value_info(k, elem, list(v)) for k, v in shapes.items()],
+                              [helper.make_tensor_value_info("Y", elem, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.normfold", 1)],
+                              ir_version=10)
+    assert not embed_functions(model).skipped
+    return model
+
+
+def bias_gn_feeds(shape, dtype, rng, offset=0.0):
+    n, c = shape[:2]
+    return {"X": (rng.standard_normal(shape) + offset).astype(dtype),
+            "add": (rng.standard_normal((n, c, *[1] * (len(shape) - 2))) * 3).astype(dtype),
+            "scale": (rng.standard_normal(c) + 1).astype(dtype), "bias": rng.standard_normal(c).astype(dtype)}
+
+
+def bias_gn_reference(feeds, groups, activation="silu"):
+    t = {k: torch.from_numpy(v.astype(np.float64)) for k, v in feeds.items()}
+    y = torch.group_norm(t["X"] + t["add"], groups, t["scale"], t["bias"], 1e-5)
+    return (F.silu(y) if activation == "silu" else y).numpy()
+
+
+@settings(max_examples=40)
+@given(n=st.integers(1, 3), groups=st.sampled_from([1, 2, 4]), per_group=st.integers(1, 6),
+       spatial=st.sampled_from([(1,), (7,), (5, 9), (2, 3, 4)]), offset=st.sampled_from([0.0, 50.0]),
+       activation=st.sampled_from(["none", "silu"]), seed=st.integers(0, 99))
+def test_bias_group_norm_matches_torch(n, groups, per_group, spatial, offset, activation, seed):
+    shape = (n, groups * per_group, *spatial)
+    feeds = bias_gn_feeds(shape, np.float32, np.random.default_rng(seed), offset)
+    got = run_library(bias_gn_model(shape, groups, activation=activation), feeds)[0]
+    assert_close(got, bias_gn_reference(feeds, groups, activation), np.float32)
+
+
+@pytest.mark.parametrize("shape, groups", [((1, 32, 128, 128), 2), ((2, 320, 32, 32), 32), ((3, 64, 65, 31), 8)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bias_group_norm_large_instances_and_threads(shape, groups, threads, rng):
+    feeds = bias_gn_feeds(shape, np.float32, rng)
+    got = run_library(bias_gn_model(shape, groups), feeds, threads)[0]
+    assert_close(got, bias_gn_reference(feeds, groups), np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_bias_group_norm_fp16_fp64(dtype, rng):
+    shape = (2, 64, 9, 11)
+    feeds = bias_gn_feeds(shape, dtype, rng)
+    got = run_library(bias_gn_model(shape, 8, dtype), feeds)[0]
+    assert got.dtype == dtype
+    assert_close(got, bias_gn_reference(feeds, 8), dtype)
+
+
+def test_bias_group_norm_bad_add_shape_fails_at_session_creation():
+    with pytest.raises(normfold.NormfoldError, match="BiasGroupNorm: add"):
+        make_session(bias_gn_model((2, 8, 4, 4), 2, add_shape=(1, 8, 1, 1)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_bias_group_norm_body_matches_the_kernel(dtype, level, rng):
+    shape = (2, 16, 6, 5)
+    model = bias_gn_model(shape, 4, dtype)
+    feeds = bias_gn_feeds(shape, dtype, rng)
+    want = bias_gn_reference(feeds, 4)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = LEVELS[level]
+    plain = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    options.register_custom_ops_library(ops_library_path())
+    with_library = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    runs = {"library": with_library.run(None, feeds)[0], "inlined body": plain.run(None, feeds)[0]}
+    if dtype == np.float32:
+        runs["onnx.reference"] = ReferenceEvaluator(model).run(None, feeds)[0]
+    for way, got in runs.items():
+        error = np.abs(got.astype(np.float64) - want).max() / max(1.0, np.abs(want).max())
+        assert error <= (4e-3 if dtype == np.float16 else 1e-5), f"{way}: relative error {error:.2e}"
+
+
+def resnet_block(t_kind: str = "embedding", read_sum: bool = False, batch: int | str = 2):
+    """conv(x) + t → GroupNorm(8)+SiLU, t the time embedding Gemm(temb) reshaped to [N, C, 1, 1]
+    ("embedding"), a constant [1, C, 1, 1] ("constant") or a [1, C, 1, 1] input ("one_sample")."""
+    g = G(opset=17, rng=np.random.default_rng(6))
+    x = g.input([batch, 32, 8, 8], name="x", value=g.rng.standard_normal((2, 32, 8, 8)))
+    h = g.conv(x, 32, 32, [3, 3], pads=[1, 1, 1, 1])
+    if t_kind == "embedding":
+        temb = g.input([batch, 16], name="temb", value=g.rng.standard_normal((2, 16)))
+        t = g.op("Gemm", [temb, g.const(g.randn([32, 16])), g.const(g.randn([32]))], transB=1)
+        t = g.op("Unsqueeze", [t, g.const(np.array([2, 3], np.int64))])
+    elif t_kind == "constant":
+        t = g.const(g.randn([1, 32, 1, 1]))
+    else:
+        t = g.input([1, 32, 1, 1], name="t")
+    s = g.op("Add", [h, t])
+    y = silu(g, affine(g, group_norm(g, s, 32, 8, 1e-5), g.randn([32, 1, 1]) + 1, g.randn([32, 1, 1])))
+    g.op("Identity", [y], outputs=["y"])
+    g.output("y")
+    if read_sum:
+        g.op("Relu", [s], outputs=["s_out"])
+        g.output("s_out")
+    return g.model(), g.feeds
+
+
+@pytest.mark.parametrize("batch", [2, "N"])
+def test_time_embedding_add_is_fused_and_runs_three_ways(batch):
+    model, feeds = resnet_block(batch=batch)
+    fused, report = normfold.fuse(model)
+    assert custom_ops(fused) == ["BiasGroupNorm"] and count_op(fused, "Add") == 0
+    assert [c.into for c in report.changes][-1] == "com.normfold.BiasGroupNorm"
+    onnx.checker.check_model(fused, full_check=True)
+    want = ort_run(model, feeds)[0]
+    for name, level in LEVELS.items():
+        for library in (True, False):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = level
+            if library:
+                options.register_custom_ops_library(ops_library_path())
+            got = ort.InferenceSession(fused.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{name}, library {library}")
+
+
+@pytest.mark.parametrize("t_kind, read_sum", [("constant", False), ("one_sample", False), ("embedding", True)])
+def test_adds_the_kernel_does_not_take_are_left(t_kind, read_sum):
+    model, _ = resnet_block(t_kind, read_sum)
+    fused, _ = normfold.fuse(model)
+    assert custom_ops(fused) == ["GroupNorm"] and count_op(fused, "Add") == 1

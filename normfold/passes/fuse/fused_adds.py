@@ -1,0 +1,71 @@
+"""Adds fused into the norm that reads them, so the data is read once:
+
+- a residual add, `Add(a, b) → com.normfold.LayerNorm / RMSNorm` over the last axes, a and b
+  computed tensors of one shape (the pre-norm and post-norm transformer block), becomes
+  `SkipLayerNorm` / `SkipRMSNorm`; when anything else reads the sum (the residual stream goes
+  on) or it is a graph output, `SkipLayerNormSum` / `SkipRMSNormSum`, which also write the sum,
+  under the same name;
+- a per-sample, per-channel add, `Add(x, t) → com.normfold.GroupNorm` with t computed and of
+  shape [N, C, 1, ...] (the time embedding of a diffusion ResNet block), read by the GroupNorm
+  alone, becomes `BiasGroupNorm`.
+
+Runs after the norms are fused, on the `com.normfold` nodes they became; a standard
+`LayerNormalization` is left to onnxruntime, which fuses a residual add into it itself.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from normfold.ir.verbs import NameScope, consumers, detach, is_constant, is_observable, is_standard, producer
+from normfold.ops.table import DOMAIN, OPS
+from normfold.passes.matching import same_dims
+from normfold.report import PassReport
+
+SKIP_OPS = {"LayerNorm": "SkipLayerNorm", "RMSNorm": "SkipRMSNorm"}
+
+
+def fuse_adds(graph: gs.Graph, opset: int, families: set[str], names: NameScope, report: PassReport,
+              where: str = "") -> None:
+    """Fuse each add described above into the com.normfold norm of `graph` that reads it, for the
+    --ops `families` given; record each in `report`."""
+    graph.cleanup()  # dead nodes of the fused subgraphs would count as readers of the sum
+    for norm in list(graph.nodes):
+        if norm.domain != DOMAIN or norm.op not in (*SKIP_OPS, "GroupNorm") or not norm.outputs \
+                or OPS[norm.op].family not in families or norm.attrs.get("channel_first", 0):
+            continue
+        total = norm.inputs[0]
+        add = producer(total)
+        if add is None or add.op != "Add" or not is_standard(add) or len(add.inputs) != 2:
+            continue
+        a, b = add.inputs
+        if is_constant(a, opset) or is_constant(b, opset):
+            continue  # a bias add
+        read_elsewhere = is_observable(graph, total) or any(r is not norm for r in consumers(total))
+        if norm.op == "GroupNorm":
+            if read_elsewhere or not (_per_channel(b, total) and same_dims(a, total)):
+                a, b = b, a
+                if read_elsewhere or not (_per_channel(b, total) and same_dims(a, total)):
+                    continue
+            op, how, outputs = "BiasGroupNorm", "per-channel add", [norm.outputs[0]]
+        elif same_dims(a, b) and same_dims(a, total):
+            op = SKIP_OPS[norm.op] + ("Sum" if read_elsewhere else "")
+            how = "residual add" + (", sum output" if read_elsewhere else "")
+            outputs = [norm.outputs[0], *([total] if read_elsewhere else [])]
+        else:
+            continue
+        attrs = {k: v for k, v in norm.attrs.items() if k != "channel_first"}
+        fused = gs.Node(op, names.fresh(f"{norm.outputs[0].name}_{op}"), attrs, [a, b, *norm.inputs[1:]], [],
+                        domain=DOMAIN)
+        detach([add, norm])
+        fused.outputs.extend(outputs)
+        graph.nodes.append(fused)
+        report.changed(add.name, f"Add+{norm.op}", f"{DOMAIN}.{op}", how, where)
+
+
+def _per_channel(t: gs.Tensor, x: gs.Tensor) -> bool:
+    """Whether `t` is known to be [N, C, 1, ...] for `x` of shape [N, C, ...]."""
+    if t.shape is None or x.shape is None or len(t.shape) != len(x.shape) or len(x.shape) < 2:
+        return False
+    head = all(d is not None and d == e and (not isinstance(d, int) or d >= 0) for d, e in zip(t.shape[:2], x.shape))
+    return head and all(d == 1 for d in t.shape[2:])
