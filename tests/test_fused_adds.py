@@ -19,6 +19,7 @@ from normfold.ops.library import ops_library_path
 from normfold.ops.portable import embed_functions
 from normfold.runtime.session import make_session
 from tests.helpers.graphs import G, count_op, ort_run
+from tests.test_custom_ops import assert_close
 from tests.helpers.norm_graphs import affine, group_norm, layer_norm, normalize, silu
 
 ONNX_TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
@@ -68,14 +69,18 @@ def reference(op, feeds, axis=-1, epsilon=1e-5):
     return y.numpy(), total
 
 
-def assert_close(y, ref, dtype):
-    scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
-    err = np.abs(y.astype(np.float64) - ref)
-    if dtype == np.float16:
-        allowed = np.spacing(np.abs(ref).astype(np.float16)).astype(np.float64) + 1e-5 * scale
-    else:
-        allowed = np.full(ref.shape, (1e-5 if dtype == np.float32 else 1e-12) * scale)
-    assert np.all(err <= allowed), f"max error {err.max()} (allowed {allowed.max()})"
+def four_ways(model) -> dict[str, ort.InferenceSession]:
+    """Sessions at ORT_DISABLE_ALL and ORT_ENABLE_ALL, with normfold's library and without (bodies inlined)."""
+    sessions = {}
+    for name, level in LEVELS.items():
+        for library in (True, False):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = level
+            if library:
+                options.register_custom_ops_library(ops_library_path())
+            sessions[f"{name}, {'library' if library else 'inlined body'}"] = ort.InferenceSession(
+                model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return sessions
 
 
 def run_library(model, feeds, threads=2):
@@ -156,18 +161,12 @@ def test_bad_attributes_and_shapes_fail_at_session_creation(op, attrs, shapes, m
 @pytest.mark.parametrize("op", ["SkipLayerNorm", "SkipRMSNorm"])
 @pytest.mark.parametrize("with_sum", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("level", list(LEVELS))
-def test_function_bodies_match_the_kernels(op, with_sum, dtype, level, rng):
+def test_function_bodies_match_the_kernels(op, with_sum, dtype, rng):
     shape = (2, 6, 96)
     model = skip_model(op, shape, 96, dtype, with_sum)
     feeds = feeds_for(op, shape, 96, dtype, rng)
     want, total = reference(op, feeds)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = LEVELS[level]
-    plain = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    options.register_custom_ops_library(ops_library_path())
-    with_library = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    runs = {"library": with_library.run(None, feeds), "inlined body": plain.run(None, feeds)}
+    runs = {way: session.run(None, feeds) for way, session in four_ways(model).items()}
     if dtype == np.float32:
         runs["onnx.reference"] = ReferenceEvaluator(model).run(None, feeds)
     tolerance = 2e-3 if dtype == np.float16 else 1e-5
@@ -226,17 +225,10 @@ def test_residual_add_is_fused_and_runs_three_ways(kind, op, read_sum, sum_is_ou
     assert not report.skipped
     want = ort_run(model, feeds)
     onnx.checker.check_model(fused, full_check=True)
-    for name, level in LEVELS.items():
-        for library in (True, False):
-            options = ort.SessionOptions()
-            options.graph_optimization_level = level
-            if library:
-                options.register_custom_ops_library(ops_library_path())
-            got = ort.InferenceSession(fused.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"]).run(None, feeds)
-            assert [o.name for o in fused.graph.output] == [o.name for o in model.graph.output]
-            for a, b in zip(got, want):
-                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{name}, library {library}")
+    assert [o.name for o in fused.graph.output] == [o.name for o in model.graph.output]
+    for way, session in four_ways(fused).items():
+        for a, b in zip(session.run(None, feeds), want):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=way)
 
 
 def test_dynamic_batch_of_equal_symbols_is_fused():
@@ -331,18 +323,12 @@ def test_bias_group_norm_bad_add_shape_fails_at_session_creation():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("level", list(LEVELS))
-def test_bias_group_norm_body_matches_the_kernel(dtype, level, rng):
+def test_bias_group_norm_body_matches_the_kernel(dtype, rng):
     shape = (2, 16, 6, 5)
     model = bias_gn_model(shape, 4, dtype)
     feeds = bias_gn_feeds(shape, dtype, rng)
     want = bias_gn_reference(feeds, 4)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = LEVELS[level]
-    plain = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    options.register_custom_ops_library(ops_library_path())
-    with_library = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    runs = {"library": with_library.run(None, feeds)[0], "inlined body": plain.run(None, feeds)[0]}
+    runs = {way: session.run(None, feeds)[0] for way, session in four_ways(model).items()}
     if dtype == np.float32:
         runs["onnx.reference"] = ReferenceEvaluator(model).run(None, feeds)[0]
     for way, got in runs.items():
@@ -382,15 +368,8 @@ def test_time_embedding_add_is_fused_and_runs_three_ways(batch):
     assert [c.into for c in report.changes][-1] == "com.normfold.BiasGroupNorm"
     onnx.checker.check_model(fused, full_check=True)
     want = ort_run(model, feeds)[0]
-    for name, level in LEVELS.items():
-        for library in (True, False):
-            options = ort.SessionOptions()
-            options.graph_optimization_level = level
-            if library:
-                options.register_custom_ops_library(ops_library_path())
-            got = ort.InferenceSession(fused.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{name}, library {library}")
+    for way, session in four_ways(fused).items():
+        np.testing.assert_allclose(session.run(None, feeds)[0], want, rtol=1e-4, atol=1e-5, err_msg=way)
 
 
 @pytest.mark.parametrize("t_kind, read_sum", [("constant", False), ("one_sample", False), ("embedding", True)])
