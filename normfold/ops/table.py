@@ -60,10 +60,12 @@ OPS: dict[str, OpKind] = {k.op: k for k in (
     # a residual add fused into a last-axes norm (sum = X + skip), benchmarks/RESULTS_skip.md; CPU kernels
     # only. The ...Sum ops also output the sum, for its other readers (one op each: a function body's
     # outputs are fixed, and a node must give them all for onnxruntime to inline it)
-    *(OpKind(f"{op}{suffix}", family, ("X", "skip", "scale", *bias), {"axis": -1, "epsilon": epsilon},
-             neutral=(None, None, *(0.0,) * len(bias)), outputs=outputs)
-      for op, family, bias, epsilon in (("SkipLayerNorm", "ln", ("bias",), 1e-5), ("SkipRMSNorm", "rms", (), None))
-      for suffix, outputs in (("", ("Y",)), ("Sum", ("Y", "sum")))),
+    OpKind("SkipLayerNorm", "ln", ("X", "skip", "scale", "bias"), {"axis": -1, "epsilon": 1e-5},
+           neutral=(None, None, 0.0)),
+    OpKind("SkipLayerNormSum", "ln", ("X", "skip", "scale", "bias"), {"axis": -1, "epsilon": 1e-5},
+           neutral=(None, None, 0.0), outputs=("Y", "sum")),
+    OpKind("SkipRMSNorm", "rms", ("X", "skip", "scale"), {"axis": -1, "epsilon": None}),
+    OpKind("SkipRMSNormSum", "rms", ("X", "skip", "scale"), {"axis": -1, "epsilon": None}, outputs=("Y", "sum")),
 )}
 
 FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(k.family for k in OPS.values()))
