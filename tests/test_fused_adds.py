@@ -181,7 +181,7 @@ def test_function_bodies_match_the_kernels(op, with_sum, dtype, rng):
 # --------------------------------------------------------------------------- the fuse pass
 
 def block(kind: str, opset: int = 16, read_sum: bool = False, sum_is_output: bool = False, residual: str = "input",
-          dynamic: bool = False):
+          dynamic: bool = False, cast: bool = False):
     """x + r → decomposed LayerNorm/RMSNorm over the last axis (+affine); the sum optionally read by a Mul
     or a graph output; `residual`: "input" (computed), "constant" (a bias add) or "broadcast" ([1, 1, 64])."""
     g = G(opset=opset, rng=np.random.default_rng(5))
@@ -194,10 +194,11 @@ def block(kind: str, opset: int = 16, read_sum: bool = False, sum_is_output: boo
     else:
         r = g.input([1, 1, 64], name="r")
     s = g.op("Add", [x, r], outputs=["s"])
+    normed = g.op("Cast", [s], to=TensorProto.FLOAT) if cast else s  # x.float() of a float x
     if kind == "ln":
-        y = affine(g, layer_norm(g, s, [-1], 1e-5), g.randn([64]) + 1, g.randn([64]))
+        y = affine(g, layer_norm(g, normed, [-1], 1e-5), g.randn([64]) + 1, g.randn([64]))
     else:
-        y = affine(g, normalize(g, s, [-1], 1e-6), g.randn([64]) + 1)
+        y = affine(g, normalize(g, normed, [-1], 1e-6), g.randn([64]) + 1)
     g.op("Identity", [y], outputs=["y"])
     g.output("y")
     if read_sum:
@@ -214,13 +215,13 @@ def custom_ops(model):
 
 @pytest.mark.parametrize("kind, op", [("ln", "SkipLayerNorm"), ("rms", "SkipRMSNorm")])
 @pytest.mark.parametrize("read_sum, sum_is_output", [(False, False), (True, False), (False, True)])
-@pytest.mark.parametrize("target", ["auto", "custom"])
-def test_residual_add_is_fused_and_runs_three_ways(kind, op, read_sum, sum_is_output, target):
-    model, feeds = block(kind, read_sum=read_sum, sum_is_output=sum_is_output)
+@pytest.mark.parametrize("target, cast", [("auto", False), ("custom", False), ("auto", True)])
+def test_residual_add_is_fused_and_runs_three_ways(kind, op, read_sum, sum_is_output, target, cast):
+    model, feeds = block(kind, read_sum=read_sum, sum_is_output=sum_is_output, cast=cast)
     fused, report = normfold.fuse(model, target=target)
     with_sum = read_sum or sum_is_output
     assert custom_ops(fused) == [op + ("Sum" if with_sum else "")]
-    assert count_op(fused, "Add") == 0
+    assert count_op(fused, "Add") == 0 and count_op(fused, "Cast") == 0
     assert any(c.into == f"com.normfold.{op}{'Sum' if with_sum else ''}" for c in report.changes)
     assert not report.skipped
     want = ort_run(model, feeds)

@@ -9,12 +9,17 @@
   shape [N, C, 1, ...] (the time embedding of a diffusion ResNet block), read by the GroupNorm
   alone, becomes `BiasGroupNorm`.
 
+A Cast of the sum to its own type between the add and the norm (`x.float()` of a float x) is
+looked through and removed.
+
 Runs after the norms are fused, on the `com.normfold` nodes they became; a standard
 `LayerNormalization` is left to onnxruntime, which fuses a residual add into it itself.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from normfold.ir.verbs import NameScope, consumers, detach, is_constant, is_observable, is_standard, producer
@@ -35,13 +40,16 @@ def fuse_adds(graph: gs.Graph, opset: int, families: set[str], names: NameScope,
                 or OPS[norm.op].family not in families or norm.attrs.get("channel_first", 0):
             continue
         total = norm.inputs[0]
-        add = producer(total)
+        add, reader, cast = producer(total), norm, []
+        if _is_identity_cast(add) and not is_observable(graph, total) and consumers(total) == [norm]:
+            cast, reader, total = [add], add, add.inputs[0]  # x.float() of a float x: looked through
+            add = producer(total)
         if add is None or add.op != "Add" or not is_standard(add) or len(add.inputs) != 2:
             continue
         a, b = add.inputs
         if is_constant(a, opset) or is_constant(b, opset):
             continue  # a bias add
-        read_elsewhere = is_observable(graph, total) or any(r is not norm for r in consumers(total))
+        read_elsewhere = is_observable(graph, total) or any(r is not reader for r in consumers(total))
         if norm.op == "GroupNorm":
             if read_elsewhere or not (_per_channel(b, total) and same_dims(a, total)):
                 a, b = b, a
@@ -57,10 +65,17 @@ def fuse_adds(graph: gs.Graph, opset: int, families: set[str], names: NameScope,
         attrs = {k: v for k, v in norm.attrs.items() if k != "channel_first"}
         fused = gs.Node(op, names.fresh(f"{norm.outputs[0].name}_{op}"), attrs, [a, b, *norm.inputs[1:]], [],
                         domain=DOMAIN)
-        detach([add, norm])
+        detach([add, *cast, norm])
         fused.outputs.extend(outputs)
         graph.nodes.append(fused)
         report.changed(add.name, f"Add+{norm.op}", f"{DOMAIN}.{op}", how, where)
+
+
+def _is_identity_cast(node: gs.Node | None) -> bool:
+    """Whether `node` is a Cast to its input's own element type (a no-op the exporters write)."""
+    if node is None or node.op != "Cast" or not is_standard(node) or node.inputs[0].dtype is None:
+        return False
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs.get("to", 0))) == np.dtype(node.inputs[0].dtype)
 
 
 def _per_channel(t: gs.Tensor, x: gs.Tensor) -> bool:
