@@ -70,6 +70,7 @@ def run_model(name: str, exporter: str, args, folder: Path) -> dict:
     import onnx
 
     from benchmarks.bench_zoo import EXPORTERS
+    from normfold.pipeline.deploy_check import CheckOptions
     from normfold.pipeline.files import optimize_file
     from tests.helpers.norm_models import export
     from tests.helpers.zoo_models import build
@@ -82,8 +83,7 @@ def run_model(name: str, exporter: str, args, folder: Path) -> dict:
     feeds = {model.graph.input[0].name: inputs[0].numpy()}
     np.savez(feeds_path, **feeds)
     summary = optimize_file(before, after, inplace=False, passes=("fold-wn", "fold-bn", "fuse", "cleanup"),
-                            verify_options={"inputs": feeds},
-                            measure_options={"inputs": feeds, "threads": args.threads})
+                            check=CheckOptions(inputs=feeds), measure={"inputs": feeds, "threads": args.threads})
     ratios, times = [], {"before": [], "after": []}
     for r in range(args.rounds):
         order = ("before", "after") if r % 2 == 0 else ("after", "before")

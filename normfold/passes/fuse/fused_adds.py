@@ -31,9 +31,10 @@ SKIP_OPS = {"LayerNorm": "SkipLayerNorm", "RMSNorm": "SkipRMSNorm"}
 
 
 def fuse_adds(graph: gs.Graph, opset: int, families: set[str], names: NameScope, report: PassReport,
-              where: str = "") -> None:
+              where: str = "", exclude: frozenset[str] = frozenset()) -> None:
     """Fuse each add described above into the com.normfold norm of `graph` that reads it, for the
-    --ops `families` given; record each in `report`."""
+    --ops `families` given; record each in `report` (under the Add's name; adds named in
+    `exclude` are left)."""
     graph.cleanup()  # dead nodes of the fused subgraphs would count as readers of the sum
     for norm in list(graph.nodes):
         if norm.domain != DOMAIN or norm.op not in (*SKIP_OPS, "GroupNorm") or not norm.outputs \
@@ -44,7 +45,7 @@ def fuse_adds(graph: gs.Graph, opset: int, families: set[str], names: NameScope,
         if _is_identity_cast(add) and not is_observable(graph, total) and consumers(total) == [norm]:
             cast, reader, total = [add], add, add.inputs[0]  # x.float() of a float x: looked through
             add = producer(total)
-        if add is None or add.op != "Add" or not is_standard(add) or len(add.inputs) != 2:
+        if add is None or add.op != "Add" or not is_standard(add) or len(add.inputs) != 2 or add.name in exclude:
             continue
         a, b = add.inputs
         if is_constant(a, opset) or is_constant(b, opset):
