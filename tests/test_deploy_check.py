@@ -309,7 +309,8 @@ def test_fused_model_loads_in_every_configuration(tmp_path, case):
     code, _, stderr = run_cli("optimize", src, "-o", out, "--no-check", "-q")
     assert code == 0, stderr
     written = onnx.load(out)
-    assert any(n.domain == "com.normfold" and n.op_type == fused_op for n in written.graph.node)
+    fused_ops = (fused_op, f"Skip{fused_op}", f"Skip{fused_op}Sum")  # a residual add may be fused in too
+    assert any(n.domain == "com.normfold" and n.op_type in fused_ops for n in written.graph.node)
     with torch.no_grad():
         expected = module(x).numpy()
     for config in CONFIGURATIONS.values():

@@ -378,3 +378,14 @@ def test_adds_the_kernel_does_not_take_are_left(t_kind, read_sum):
     model, _ = resnet_block(t_kind, read_sum)
     fused, _ = normfold.fuse(model)
     assert custom_ops(fused) == ["GroupNorm"] and count_op(fused, "Add") == 1
+
+
+def test_an_excluded_add_is_left_for_the_rollback():
+    from normfold.passes.fuse.fuse_norms import fuse_norms
+    from normfold.pipeline.api import run_pass
+
+    model, _ = block("ln")
+    add = next(n.name for n in model.graph.node if n.op_type == "Add" and list(n.output) == ["s"])
+    fused, report = run_pass(model, fuse_norms, exclude=frozenset({add}))
+    assert custom_ops(fused) == ["LayerNorm"] and count_op(fused, "Add") == 1
+    assert all(c.node != add for c in report.changes)
