@@ -18,10 +18,10 @@ from normfold.testing import assert_equivalent
 
 # norm family -> (the PyTorch layers of that norm, the op types one such layer must become)
 FUSED = {
-    "gn": ((nn.GroupNorm,), {"GroupNorm", "GroupNormalization"}),
-    "ln_cf": ((LayerNorm2d, nn.LayerNorm), {"LayerNorm", "LayerNormalization"}),
-    "ln": ((nn.LayerNorm,), {"LayerNorm", "LayerNormalization"}),
-    "rms": ((RMSNormLlama,), {"RMSNorm", "RMSNormalization"}),
+    "gn": ((nn.GroupNorm,), {"GroupNorm", "GroupNormalization", "BiasGroupNorm"}),  # Bias..., Skip...: an add fused in
+    "ln_cf": ((LayerNorm2d, nn.LayerNorm), {"LayerNorm", "LayerNormalization", "SkipLayerNorm", "SkipLayerNormSum"}),
+    "ln": ((nn.LayerNorm,), {"LayerNorm", "LayerNormalization", "SkipLayerNorm", "SkipLayerNormSum"}),
+    "rms": ((RMSNormLlama,), {"RMSNorm", "RMSNormalization", "SkipRMSNorm", "SkipRMSNormSum"}),
     "frn": ((FRN,), {"FilterResponseNorm"}),
 }
 # BatchNorms the fold must leave, by model: BN -> ReLU -> Conv cannot be folded exactly.
