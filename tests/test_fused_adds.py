@@ -130,12 +130,16 @@ def test_skip_norm_fp16_fp64(op, dtype, with_sum, rng):
         np.testing.assert_array_equal(got[1], total)  # the sum in the input type, as onnxruntime's Add
 
 
-def test_skip_norm_axis_over_two_axes_and_dynamic_shapes(rng):
+@pytest.mark.parametrize("with_sum", [False, True])
+def test_skip_norm_axis_over_two_axes_and_dynamic_shapes(with_sum, rng):
     shape = (3, 5, 8, 16)
     feeds = feeds_for("SkipLayerNorm", shape, 128, np.float32, rng)
-    got = run_library(skip_model("SkipLayerNorm", shape, 128, attrs={"axis": -2, "epsilon": 1e-3}, static=False),
-                      feeds)
-    assert_close(got[0], reference("SkipLayerNorm", feeds, axis=-2, epsilon=1e-3)[0], np.float32)
+    got = run_library(skip_model("SkipLayerNorm", shape, 128, with_sum=with_sum,
+                                 attrs={"axis": -2, "epsilon": 1e-3}, static=False), feeds)
+    want, total = reference("SkipLayerNorm", feeds, axis=-2, epsilon=1e-3)
+    assert_close(got[0], want, np.float32)
+    if with_sum:
+        np.testing.assert_array_equal(got[1], total)
 
 
 @pytest.mark.parametrize("op, attrs, shapes, message", [
