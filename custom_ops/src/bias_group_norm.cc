@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "cpu_registration.h"
+#include "group_norm_attrs.h"
 #include "loops.h"
 #include "ort_glue.h"
 #include "parallel.h"
@@ -16,28 +17,15 @@
 namespace normfold {
 namespace {
 
-struct BiasGroupNormAttrs {
+struct BiasGroupNormAttrs : GroupNormSettings {
   static constexpr const char* kName = "BiasGroupNorm";
-  int64_t groups;
-  float epsilon;
-  Activation activation = Activation::kNone;
-
-  explicit BiasGroupNormAttrs(const Attributes& a)
-      : groups(a.get<int64_t>("num_groups").value_or(0)), epsilon(a.get<float>("epsilon").value_or(1e-5f)) {
-    const std::string act = a.get<std::string>("activation").value_or("none");
-    if (groups <= 0) a.fail("attribute num_groups must be set to a positive integer");
-    if (epsilon < 0) a.fail("epsilon must be >= 0");
-    if (act != "none" && act != "silu") a.fail("activation must be 'none' or 'silu', got '" + act + "'");
-    if (act == "silu") activation = Activation::kSilu;
-  }
+  using GroupNormSettings::GroupNormSettings;
 
   std::string check(const InputShapes& in) const {
     const Shape& x = in[0];
-    if (x.size() < 2) return "X must be N x C x ... (rank >= 2), got shape " + str(x);
-    if (x[1] >= 0 && x[1] % groups)
-      return "C=" + std::to_string(x[1]) + " is not divisible by num_groups=" + std::to_string(groups);
-    const int64_t nc = x[0] >= 0 && x[1] >= 0 ? x[0] * x[1] : -1;
-    std::string e = check_count("add", in[1], nc);
+    std::string e = check_x(x);
+    const int64_t nc = x.size() >= 2 && x[0] >= 0 && x[1] >= 0 ? x[0] * x[1] : -1;
+    if (e.empty()) e = check_count("add", in[1], nc);
     if (e.empty()) e = check_count("scale", in[2], x[1]);
     return e.empty() ? check_count("bias", in[3], x[1]) : e;
   }
