@@ -456,8 +456,9 @@ def optimize_command(model, output, inplace, pass_names, calibration, target, po
                      measure_budget, threads, shapes, inputs_path, seed, samples, atol, rtol, json_path, quiet):
     """Run every normfold pass, then prove the result equivalent.
 
-    Passes, in this order: recalibrate (with --data), fold-wn (weights computed
-    from constants, so BN can fold into them), fold-bn, fuse (GroupNorm,
+    Passes, in this order: recalibrate (with --data), canonicalize (constant
+    subgraphs evaluated once, exactly; best shapes; no-ops dropped), fold-wn
+    (weights computed from constants, so BN can fold into them), fold-bn, fuse (GroupNorm,
     LayerNorm, RMSNorm, FRN; weight norm is fold-wn's), fold-affine (per-channel
     Mul/Div/Add/Sub chains and BN left by fold-bn), cleanup (Identity,
     inference Dropout, dead nodes). The result is written to a staging file,
