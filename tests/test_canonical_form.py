@@ -17,8 +17,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import normfold
 from tests.helpers.norm_models import export
 from tests.helpers.zoo import CONFIGS, Architecture, run_case
+from tests.helpers.zoo.checks import FP16_FACTOR, FP16_SLACK, relative_error, run_onnx
 from tests.helpers.zoo.registry import image, randomize, seeded
 
 HIDDEN = 16
@@ -157,6 +159,17 @@ class ConvThenGroupNorm(nn.Module):
         return self.norm(h.reshape(h.shape[0], h.shape[1], -1).reshape(h.shape))
 
 
+class ChannelLastLayerNorm(nn.Module):
+    """ConvNeXt's block norm: a conv, then nn.LayerNorm over channels between permutes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 def _arch(name, norms, module, args, fp16=False) -> Architecture:
     def build():
         torch.manual_seed(0)
@@ -223,3 +236,42 @@ def test_fp16_rmsnorm_with_casts_is_fused_within_the_exports_own_error():
     arch = _arch("llama_rmsnorm_fp16", ("rms",), lambda: LlamaRMSNorm().half(),
                  lambda: (_sequence()[0].half(),), fp16=True)
     _check(arch, "dy18")
+
+
+FP16_LAYER_NORMS = [
+    _arch("layernorm_fp16", ("ln",), lambda: nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.LayerNorm(HIDDEN)).half(),
+          lambda: (_sequence()[0].half(),), fp16=True),
+    _arch("channel_last_layernorm_fp16", ("ln_cf",), lambda: ChannelLastLayerNorm().half(),
+          lambda: (image().half(),), fp16=True),
+]
+
+
+@pytest.mark.parametrize("arch", FP16_LAYER_NORMS, ids=lambda a: a.name)
+def test_fp16_layernorm_centred_in_fp16_and_normalized_in_double_is_one_layernorm(arch):
+    """TorchScript opset 13 spells an fp16 LayerNorm as x - mean in fp16, Cast to double,
+    the variance and division there, Cast back: one LayerNorm of the fp16 x."""
+    module, args = arch.build()
+    model = export(module, args, exporter="torchscript", opset=13, constant_folding=False, name=arch.name)
+    made_by = {out: n for n in model.graph.node for out in n.output}
+    up_casts = [n for n in model.graph.node if n.op_type == "Cast" and made_by[n.input[0]].op_type == "Sub"]
+    assert up_casts and all(onnx.helper.get_attribute_value(n.attribute[0]) == onnx.TensorProto.DOUBLE
+                            for n in up_casts), "the premise: the export centres in fp16, then casts to double"
+
+    optimized, _ = normfold.optimize(model)
+    ops = [n.op_type for n in optimized.graph.node]
+    assert "ReduceMean" not in ops and ops.count("LayerNorm") == 1, ops
+    fused = next(n for n in optimized.graph.node if n.op_type == "LayerNorm")
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in fused.attribute}.get("channel_first", 0) == \
+        int("ln_cf" in arch.norms)
+    assert optimized.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+    feeds = {model.graph.input[0].name: args[0].numpy()}
+    with torch.no_grad():
+        reference = [module.float()(args[0].float()).numpy()]
+    limit = FP16_FACTOR * relative_error(run_onnx(model, feeds, library=False, optimize=False), reference) + \
+        FP16_SLACK
+    for library in (True, False):
+        for optimize in (True, False):
+            got = run_onnx(optimized, feeds, library, optimize)
+            assert relative_error(got, reference) <= limit, (library, optimize)
+    _check(arch, "ts13")

@@ -513,3 +513,60 @@ def test_grouping_reshape_with_allowzero_and_a_zero_is_not_group_norm():
     fused, report = normfold.fuse(model, target="custom")
     assert not custom_nodes(fused)
     assert any("does not group" in s.reason for s in report.skipped)
+
+
+# --------------------------- fp16 LayerNorm centred in fp16, normalized in a wider type
+
+def _centred_then_widened(g: G, x: str, wide=np.float64, back=onnx.TensorProto.FLOAT16) -> tuple[str, str]:
+    """(x - mean, its normalization): x - mean in x's type, Cast to `wide`, the variance and
+    division there, Cast to `back` (TorchScript's fp16 LayerNorm at opset 13)."""
+    d = g.op("Sub", [x, reduce_mean(g, x, (2,))])
+    up = g.op("Cast", [d], to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(wide)))
+    sq = g.op("Pow", [up, g.const(np.array(2.0, wide), keep_dtype=True)])
+    shifted = g.op("Add", [reduce_mean(g, sq, (2,)), g.const(np.array(1e-5, wide), keep_dtype=True)])
+    return d, g.op("Cast", [g.op("Div", [up, g.op("Sqrt", [shifted])])], to=back)
+
+
+@pytest.mark.parametrize("wide", [np.float32, np.float64])
+def test_fp16_layer_norm_normalized_in_a_wider_type_is_one_layer_norm_of_x(wide):
+    g = G(dtype=np.float16)
+    x = g.input([2, 3, 8])
+    _, y = _centred_then_widened(g, x, wide)
+    g.output(affine(g, y, scale=g.randn([8]) + 1.5, bias=g.randn([8])))
+    model = g.model()
+    fused, _ = fuse(model, target="custom")
+    node = single_op(fused, "LayerNorm")
+    assert [n.op_type for n in fused.graph.node] == ["LayerNorm"] and node.input[0] == x
+    assert attrs(node)["epsilon"] == pytest.approx(1e-5) and attrs(node)["axis"] == 2
+    assert_matches(model, fused, g.feeds, dtype=np.float16)
+
+
+def _not_a_layer_norm_of_x(model, feeds):
+    fused, _ = fuse(model, target="custom")
+    ops = [n.op_type for n in fused.graph.node]
+    assert "LayerNorm" not in ops and "ReduceMean" in ops, ops
+    assert_matches(model, fused, feeds, dtype=np.float16)
+
+
+def test_fp16_centring_with_the_result_kept_wide_is_not_a_layer_norm_of_x():
+    g = G(dtype=np.float16)
+    _, y = _centred_then_widened(g, g.input([2, 3, 8]), back=onnx.TensorProto.FLOAT)
+    g.output(y, dtype=np.float32)
+    _not_a_layer_norm_of_x(g.model(), g.feeds)
+
+
+def test_fp16_centring_read_elsewhere_is_not_a_layer_norm_of_x():
+    g = G(dtype=np.float16)
+    d, y = _centred_then_widened(g, g.input([2, 3, 8]))
+    g.output(y)
+    g.output(g.op("Relu", [d]))
+    _not_a_layer_norm_of_x(g.model(), g.feeds)
+
+
+def test_float32_centring_cast_to_double_is_not_a_low_precision_layer_norm():
+    g = G(dtype=np.float32)
+    _, y = _centred_then_widened(g, g.input([2, 3, 8]), back=onnx.TensorProto.FLOAT)
+    g.output(y)
+    fused, _ = fuse(g.model(), target="custom")
+    assert "LayerNorm" not in [n.op_type for n in fused.graph.node]
+    assert_matches(g.model(), fused, g.feeds)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from normfold.ir.verbs import (
@@ -141,6 +142,43 @@ def retarget_type_readers(nodes: list[gs.Node], like: gs.Tensor) -> None:
             for reader in consumers(out):
                 if reads_only_type(reader, out):
                     reader.inputs[1] = like
+
+
+LOW_PRECISION = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+WIDE = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+
+
+def has_type(tensor: gs.Tensor, onnx_type: int) -> bool:
+    """Whether `tensor` is known to have ONNX element type `onnx_type`."""
+    if tensor.dtype is None:
+        return False
+    if isinstance(tensor.dtype, int):
+        return tensor.dtype == onnx_type
+    try:
+        return np.dtype(tensor.dtype) == np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx_type))
+    except (TypeError, KeyError, ValueError):
+        return False
+
+
+def low_precision_type(tensor: gs.Tensor) -> int | None:
+    """float16 or bfloat16 (as an ONNX type) if `tensor` is known to be one, else None."""
+    return next((t for t in LOW_PRECISION if has_type(tensor, t)), None)
+
+
+def up_cast(tensor: gs.Tensor) -> gs.Node | None:
+    """The Cast computing `tensor` from a float16/bfloat16 tensor, to float32 or float64
+    (TorchScript casts to ε's type, double); else None."""
+    node = producer(tensor)
+    if node is None or node.op != "Cast" or not is_standard(node):
+        return None
+    to = int(node.attrs.get("to", 0))
+    return node if to in WIDE and low_precision_type(node.inputs[0]) is not None else None
+
+
+def down_cast(m: Match, tensor: gs.Tensor, onnx_type: int) -> gs.Node | None:
+    """The only reader of `tensor` if it is a Cast of it to `onnx_type` (not taken), else None."""
+    node = m.sole_consumer(tensor, "Cast")
+    return node if node is not None and int(node.attrs.get("to", 0)) == onnx_type else None
 
 
 def other_input(node: gs.Node, tensor: gs.Tensor) -> gs.Tensor:

@@ -3,6 +3,8 @@
 All three share one core, anchored at the ReduceMean of a square:
 
     d   = x                       (RMSNorm, FRN)   or   x - ReduceMean(x, axes)   (LayerNorm)
+          or Cast(x - ReduceMean(x, axes), float32/float64) of a float16/bfloat16 x, x̂ then
+          cast back to x's type (TorchScript's fp16 LayerNorm): one LayerNorm of x
     v   = ReduceMean(d^2, axes)   d^2 as Pow(d, 2) or Mul(d, d)
     x̂   = d / Sqrt(v + ε)   |   d * Reciprocal(Sqrt(v + ε))   |   d * (1 / Sqrt(v + ε))
                             |   d * Pow(v + ε, -0.5)          |   d / Pow(v + ε, 0.5)
@@ -29,7 +31,8 @@ import onnx_graphsurgeon as gs
 from normfold.ir.verbs import consumers, is_standard, producer
 from normfold.passes.fuse.group_norm import match_grouped_normalization
 from normfold.passes.fuse.emit import FusedNorm
-from normfold.passes.matching import Affine, Match, NoMatch, match_affine, other_input, per_axes_values, rank_of, reduce_axes, static_dim
+from normfold.passes.matching import (Affine, Match, NoMatch, down_cast, low_precision_type, match_affine, other_input,
+                                     per_axes_values, rank_of, reduce_axes, static_dim, up_cast)
 
 ANCHORS = ("ReduceMean", "LayerNormalization")
 
@@ -91,13 +94,34 @@ def _match_core(m: Match, reduce: gs.Node) -> Core:
     if rank is None:
         raise NoMatch(f"rank of '{d.name}' is unknown")
     axes = reduce_axes(m, reduce, rank)
-    x, centered = _uncentered(m, d, axes, rank)
     add = m.next(reduce.outputs[0], "Add")
     epsilon = m.scalar(other_input(add, reduce.outputs[0]), f"epsilon of Add '{add.name}'")
     if epsilon < 0:
         raise NoMatch(f"epsilon is negative ({epsilon:g})")
     normalized = _divide_by_root(m, d, add.outputs[0])
+    low_precision = _centered_in_low_precision(m, d, normalized, axes, rank, epsilon)
+    if low_precision is not None:
+        return low_precision
+    x, centered = _uncentered(m, d, axes, rank)
     return Core(x, centered, axes, epsilon, normalized)
+
+
+def _centered_in_low_precision(m: Match, d: gs.Tensor, normalized: gs.Tensor, axes, rank, epsilon) -> Core | None:
+    """The core as a LayerNorm of x when `d` is Cast(x - ReduceMean(x, axes), float32 or
+    float64) of a float16/bfloat16 x and `normalized` is cast back to x's type (the fused op
+    computes in float32, far finer than x's rounding, and keeps x's type); the casts and
+    the centering are taken. None otherwise (nothing taken)."""
+    up = up_cast(d)
+    if up is None:
+        return None
+    back = down_cast(m, normalized, low_precision_type(up.inputs[0]))
+    if back is None:
+        return None
+    x, centered = _uncentered(m, up.inputs[0], axes, rank)
+    if not centered:
+        return None
+    m.take(up)
+    return Core(x, True, axes, epsilon, m.take(back).outputs[0])
 
 
 def _uncentered(m: Match, d: gs.Tensor, axes, rank) -> tuple[gs.Tensor, bool]:
