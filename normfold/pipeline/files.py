@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from normfold.io.model_io import check_output, load_model, save_model
+from normfold.io.model_io import LoadedModel, check_output, load_model, save_model
 from normfold.ir.convert import count_ops
 from normfold.passes.registry import FUSE_FAMILIES, PASSES, steps, watched_ops
 from normfold.pipeline.deploy_check import CheckOptions, DeployChecker, Exclusions, Rollback, write_checked
@@ -110,7 +110,7 @@ def recalibrate_file(model_path: Path, out: Path, *, inplace: bool, data, fold: 
 
 def rewrite_file(model_path: Path, out: Path, inplace: bool, passes: tuple[str, ...], options: dict | None = None,
                  *, portable: bool = False, check: CheckOptions | None = DEFAULT_CHECK,
-                 progress: Progress | None = None) -> RunSummary:
+                 loaded: LoadedModel | None = None, progress: Progress | None = None) -> RunSummary:
     """Load `model_path`, run the registered `passes` (with `options` where a pass
     takes them) through the one runner, check the result and write `out`,
     summarise. Weights no pass changed are never copied in memory.
@@ -119,12 +119,14 @@ def rewrite_file(model_path: Path, out: Path, inplace: bool, passes: tuple[str, 
     check: what the output check runs (`CheckOptions`); None skips it. The
     reference is the input model, or after recalibration (when `passes` starts
     with it) the recalibrated model. A result that fails is not written.
+    loaded: `model_path` as already loaded by the caller (else it is loaded here).
     progress: reports the long steps (loading, each pass, checking, writing).
     """
     progress = progress or Progress()
     options = options or {}
-    with progress.step(f"loading {model_path.name}"):
-        loaded = load_model(model_path)
+    if loaded is None:
+        with progress.step(f"loading {model_path.name}"):
+            loaded = load_model(model_path)
     model, reports, reference = loaded.model, [], model_path
     if passes[:1] == ("recalibrate",):
         recalibrated = run_passes(model, steps(passes[:1], **options), progress=progress)
@@ -184,14 +186,14 @@ def optimize_file(model_path: Path, out: Path, *, inplace: bool, passes: tuple[s
     shapes, seed, provider, threads, budget_s): the fused kinds that make the model
     slower are not fused; None skips the speed check.
     """
-    speed = None
+    speed, loaded = None, None
     if measure is not None:
-        speed = check_speed(load_model(model_path).model, passes, target=target, portable=portable,
-                            progress=progress, **measure)
+        loaded = load_model(model_path)  # read once: timed here, then rewritten
+        speed = check_speed(loaded.model, passes, target=target, portable=portable, progress=progress, **measure)
     summary = rewrite_file(
         model_path, out, inplace, passes,
         {"data": calibration, "progress": progress, "ops": speed.kept if speed else FUSE_FAMILIES, "target": target},
-        portable=portable, check=check, progress=progress,
+        portable=portable, check=check, loaded=loaded, progress=progress,
     )
     summary.speed = speed
     return summary
