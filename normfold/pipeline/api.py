@@ -11,6 +11,7 @@ import onnx
 
 from normfold.errors import NormfoldError
 from normfold.passes.recalibrate import RecalibrationReport
+from normfold.ops.table import FAMILIES
 from normfold.passes.registry import GRAPH_PASSES, FUSE_FAMILIES, GraphPass, steps
 from normfold.pipeline.runner import combined, run_passes
 from normfold.progress import Progress
@@ -51,7 +52,7 @@ def fold_affine(model: onnx.ModelProto, *, direction: str = "both") -> tuple[onn
     return run.model, run.reports[0]
 
 
-def fuse(model: onnx.ModelProto, *, ops=("gn", "ln", "rms", "frn", "wn"), target: str = "auto",
+def fuse(model: onnx.ModelProto, *, ops=FAMILIES, target: str = "auto",
          portable: bool = True) -> tuple[onnx.ModelProto, PassReport]:
     """Replace the normalization subgraphs of `model` (GroupNorm, LayerNorm, RMSNorm,
     Filter Response Norm, weight norm) with one op each.
