@@ -5,10 +5,9 @@
 //
 // X + add is never written: the statistics pass takes each channel's moments of X and shifts their
 // mean by the channel's add (the squared deviations do not change), then merges them (Chan); the
-// write pass folds the add into each channel's shift. CPU kernels only.
+// write pass folds the add into each channel's shift. CUDA: the row kernel of cuda_kernels.h with `add`.
 #include <cmath>
 
-#include "cpu_registration.h"
 #include "group_norm_attrs.h"
 #include "loops.h"
 #include "ort_glue.h"
@@ -45,6 +44,14 @@ struct BiasGroupNorm : Kernel<BiasGroupNormAttrs> {
     const T *x = X.Data(), *t = add.Data(), *gamma = scale.Data(), *beta = bias.Data();
     const int64_t channels = shape[1], spatial = numel(shape, 2), per_group = channels / attrs.groups;
     const int64_t size = per_group * spatial;
+#ifdef NORMFOLD_WITH_CUDA
+    if constexpr (kCuda) {
+      const cuda::RowNorm p{.x = x, .add = t, .gamma = gamma, .beta = beta, .y = y, .count = shape[0] * attrs.groups,
+                            .size = size, .spatial = spatial, .period = attrs.groups, .epsilon = attrs.epsilon,
+                            .centered = true, .activation = attrs.activation};
+      return status_of(cuda::row_norm(p, cuda_dtype<T>(), cuda_stream(ctx)));
+    }
+#endif
     // calls f(channel index in the group, position range [pos, end)) for each channel piece of [lo, hi)
     auto channel_pieces = [&](int64_t lo, int64_t hi, auto&& f) {
       for (int64_t pos = lo; pos < hi;) {
@@ -84,6 +91,6 @@ struct BiasGroupNorm : Kernel<BiasGroupNormAttrs> {
 
 }  // namespace
 
-void add_bias_group_norm(OpList& ops) { add_cpu_kernels<BiasGroupNorm>(ops, "BiasGroupNorm"); }
+void add_bias_group_norm(OpList& ops) { add_kernels<BiasGroupNorm>(ops); }
 
 }  // namespace normfold

@@ -11,6 +11,10 @@
 // Accuracy: centred statistics are taken around hi = the slice's first element and the mean is
 // kept as hi + lo, so x - hi is exact for data near the mean (Sterbenz) and inputs like x + 1000
 // keep full fp32 accuracy: y = ((x - hi) - lo) * rstd * gamma + beta.
+//
+// Fused adds (rows only): the residual `skip` is added as the row is read, rounded to T (on-chip: into the
+// staged row, once; two-pass: in both reads, or the second reads the `sum` output the first wrote);
+// the per-channel `add` joins each deviation, (x - hi) + (add_c - add_0), and is never written.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_pipeline.h>
@@ -77,6 +81,59 @@ __device__ __forceinline__ void store_pack(T* p, const float (&v)[kVec<T>]) {  /
   *reinterpret_cast<Pack<T>*>(p) = pk;
 }
 
+/// Stores N floats at p[at..]: one 16-byte store when N is a pack and the address allows.
+template <class T, uint32_t N>
+__device__ __forceinline__ void store(T* p, uint32_t at, const float (&v)[N]) {
+  if constexpr (N == kVec<T>) {
+    if (aligned16(p + at)) return store_pack(p + at, v);
+  }
+#pragma unroll
+  for (uint32_t j = 0; j < N; ++j) p[at + j] = from_f<T>(v[j]);
+}
+
+/// The row a norm reads: x, or x + skip rounded to T (the residual Add that SkipLayerNorm replaces).
+template <class T>
+struct Source {
+  const T* x;
+  const T* skip = nullptr;
+
+  template <uint32_t N>
+  __device__ __forceinline__ void read(uint32_t k, float (&v)[N]) const {
+    load(x, k, v);
+    if (skip == nullptr) return;
+    float s[N];
+    load(skip, k, s);
+#pragma unroll
+    for (uint32_t j = 0; j < N; ++j) v[j] = to_f(from_f<T>(v[j] + s[j]));
+  }
+  __device__ __forceinline__ float at(uint32_t k) const {
+    float v[1];
+    read(k, v);
+    return v[0];
+  }
+};
+
+// ---- channels: k / spatial without a division
+
+/// k / d for 0 <= k < 2^31 by a multiply-high and a shift (Granlund-Montgomery): mul = ceil(2^p / d),
+/// p = 31 + ceil(log2 d); the error k (mul - 2^p / d) / 2^p < 2^-ceil(log2 d) <= 1/d never reaches the next
+/// integer. Built on the host, used on both (the harness tests it on the host).
+struct FastDiv {
+  uint32_t d = 1, mul = 0, shift = 0;  // d = 1: mul unused
+
+  FastDiv() = default;
+  __host__ __device__ explicit FastDiv(uint32_t divisor) : d(divisor) {
+    if (d <= 1) return;
+    uint32_t log2 = 0;
+    while ((uint64_t(1) << log2) < d) ++log2;
+    mul = uint32_t(((uint64_t(1) << (31 + log2)) + d - 1) / d);
+    shift = log2 - 1;
+  }
+  __host__ __device__ __forceinline__ uint32_t operator()(uint32_t k) const {
+    return d == 1 ? k : uint32_t((uint64_t(k) * mul) >> 32) >> shift;
+  }
+};
+
 // ---- statistics
 
 struct Stat {
@@ -137,97 +194,134 @@ __device__ float block_sum(float v) {
 
 // ---- normalize, affine, activation
 
-/// y = act(((x - hi) - lo) * rstd * gamma_c + beta_c), element k using parameter first + k / spatial.
+/// An element's deviation from hi, the instance's first value (0 for uncentred norms): v - hi, plus the
+/// per-channel add of BiasGroupNorm as add[c] - add[0] (add[0] folded into hi), so values near the mean
+/// and adds near each other keep full accuracy. Element k is in channel k / spatial.
+template <class T>
+struct Deviation {
+  float hi = 0.f;
+  const T* add = nullptr;  // the instance's adds, one per channel; null: none
+  float add0 = 0.f;        // add[0] when centred, else 0
+  FastDiv spatial;
+
+  __device__ __forceinline__ float of_channel(float v, uint32_t c) const {
+    v -= hi;
+    return add ? v + (to_f(add[c]) - add0) : v;
+  }
+  __device__ __forceinline__ float operator()(float v, uint32_t k) const {
+    return add ? of_channel(v, spatial(k)) : v - hi;
+  }
+};
+
+/// y = act((dev(x) - lo) * rstd * gamma_c + beta_c), element k using parameter first + k / spatial.
 template <class T>
 struct Affine {
   const T *gamma, *beta, *tau;  // may be null (tau only read for TLU)
-  uint32_t first, spatial;
-  float hi, lo, rstd;
+  uint32_t first;
+  Deviation<T> dev;
+  float lo, rstd;
   Activation activation;
 
-  __device__ __forceinline__ float finish(float v, float a, float b, float t) const {
-    v = ((v - hi) - lo) * a + b;
+  __device__ __forceinline__ float finish(float d, float a, float b, float t) const {
+    float v = (d - lo) * a + b;
     if (activation == Activation::kSilu) v = v / (1.f + __expf(-v));
     else if (activation == Activation::kTlu) v = fmaxf(v, t);
     return v;
   }
-  __device__ __forceinline__ float at(float v, uint32_t c) const {
-    return finish(v, rstd * (gamma ? to_f(gamma[c]) : 1.f), beta ? to_f(beta[c]) : 0.f,
-                  activation == Activation::kTlu ? to_f(tau[c]) : 0.f);
+  __device__ __forceinline__ float at(float v, uint32_t c) const {  // c: the channel within the instance
+    const uint32_t i = first + c;
+    return finish(dev.of_channel(v, c), rstd * (gamma ? to_f(gamma[i]) : 1.f), beta ? to_f(beta[i]) : 0.f,
+                  activation == Activation::kTlu ? to_f(tau[i]) : 0.f);
   }
 
   /// v = elements k .. k + N - 1 of the instance, normalized in place.
   template <uint32_t N>
   __device__ __forceinline__ void apply(float (&v)[N], uint32_t k) const {
+    const uint32_t spatial = dev.spatial.d;
     if (spatial == 1) {  // a parameter per element (LayerNorm/RMSNorm rows): packs of parameters
       float g[N], b[N], t[N];
       load(gamma, first + k, g, 1.f);
       load(beta, first + k, b);
       load(activation == Activation::kTlu ? tau : static_cast<const T*>(nullptr), first + k, t);
 #pragma unroll
-      for (uint32_t j = 0; j < N; ++j) v[j] = finish(v[j], rstd * g[j], b[j], t[j]);
+      for (uint32_t j = 0; j < N; ++j) v[j] = finish(dev(v[j], k + j), rstd * g[j], b[j], t[j]);
       return;
     }
-    uint32_t c = k / spatial, r = k - c * spatial;
+    uint32_t c = dev.spatial(k), r = k - c * spatial;
     if (r + N <= spatial) {  // one channel: one parameter load for the whole pack
-      const float a = rstd * (gamma ? to_f(gamma[first + c]) : 1.f), b = beta ? to_f(beta[first + c]) : 0.f;
-      const float t = activation == Activation::kTlu ? to_f(tau[first + c]) : 0.f;
+      const uint32_t i = first + c;
+      const float a = rstd * (gamma ? to_f(gamma[i]) : 1.f), b = beta ? to_f(beta[i]) : 0.f;
+      const float t = activation == Activation::kTlu ? to_f(tau[i]) : 0.f;
 #pragma unroll
-      for (uint32_t j = 0; j < N; ++j) v[j] = finish(v[j], a, b, t);
+      for (uint32_t j = 0; j < N; ++j) v[j] = finish(dev.of_channel(v[j], c), a, b, t);
       return;
     }
 #pragma unroll
     for (uint32_t j = 0; j < N; ++j, ++r) {  // the pack crosses channels
       if (r == spatial) ++c, r = 0;
-      v[j] = at(v[j], first + c);
+      v[j] = at(v[j], c);
     }
   }
 };
 
-/// Writes y[0, n) = f(src[0, n)); src is the input row in global or shared memory.
-template <class T>
-__device__ void write_row(T* y, const T* src, uint32_t n, const Affine<T>& f) {
+/// The identity in place of an Affine: write_row copies (the Skip...Sum ops' sum output).
+struct Copy {
+  template <uint32_t N>
+  __device__ __forceinline__ void apply(float (&)[N], uint32_t) const {}
+};
+
+/// Writes y[0, n) = f(src[0, n)); src reads the input row (global or shared memory).
+template <class T, class F>
+__device__ void write_row(T* y, const Source<T>& src, uint32_t n, const F& f) {
   constexpr uint32_t V = kVec<T>;
   const Split<T> sp(y, n);
   for (uint32_t u = threadIdx.x; u < sp.packs; u += blockDim.x) {
     const uint32_t k = sp.head + u * V;
     float v[V];
-    load(src, k, v);
+    src.read(k, v);
     f.apply(v, k);
     store_pack(y + k, v);
   }
   for (uint32_t u = threadIdx.x; u < sp.scalars; u += blockDim.x) {
     const uint32_t k = sp.scalar(u);
-    float v[1] = {to_f(src[k])};
+    float v[1];
+    src.read(k, v);
     f.apply(v, k);
     y[k] = from_f<T>(v[0]);
   }
 }
 
-// ---- rows: GroupNorm, FRN, last-axes LayerNorm / RMSNorm, WeightNorm(dim=0)
+// ---- rows: GroupNorm, FRN, last-axes LayerNorm / RMSNorm, WeightNorm(dim=0), and the fused adds
 
 template <class T>
 struct RowArgs {
-  const T *x, *gamma, *beta, *tau;
-  T* y;
-  uint32_t size, spatial, channels, period;  // channels = size / spatial per instance
-  float epsilon, inv_n;                      // inv_n = 1/size (mean of squares) or 1 (WeightNorm: the L2 norm)
+  const T *x, *skip, *add, *gamma, *beta, *tau;
+  T *y, *sum;
+  uint32_t size, channels, period;  // channels = size / spatial per instance
+  FastDiv spatial;
+  float epsilon, inv_n;  // inv_n = 1/size (mean of squares) or 1 (WeightNorm: the L2 norm)
   bool centered;
   Activation activation;
 
-  __device__ Affine<T> affine(float hi, float lo, float rstd) const {
-    return {.gamma = gamma, .beta = beta, .tau = tau, .first = (blockIdx.x % period) * channels, .spatial = spatial,
-            .hi = hi, .lo = lo, .rstd = rstd, .activation = activation};
+  /// This block's instance: offset of its row, and its deviation from hi (the adds of its channels).
+  __device__ size_t row() const { return size_t(blockIdx.x) * size; }
+  __device__ Deviation<T> deviation(float hi) const {
+    const T* a = add ? add + size_t(blockIdx.x) * channels : nullptr;
+    return {.hi = hi, .add = a, .add0 = a && centered ? to_f(a[0]) : 0.f, .spatial = spatial};
+  }
+  __device__ Affine<T> affine(const Deviation<T>& dev, float lo, float rstd) const {
+    return {.gamma = gamma, .beta = beta, .tau = tau, .first = (blockIdx.x % period) * channels, .dev = dev,
+            .lo = lo, .rstd = rstd, .activation = activation};
   }
 };
 
-/// One block per instance; the instance is staged in dynamic shared memory (size + 1 pack).
+/// One block per instance; the instance is staged in dynamic shared memory (size + 1 pack). With skip,
+/// the staged row becomes the sum, rounded to T (and is copied to `sum` when that is set).
 template <class T>
 __global__ void __launch_bounds__(1024) row_on_chip(RowArgs<T> p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr uint32_t V = kVec<T>;
-  const T* x = p.x + size_t(blockIdx.x) * p.size;
-  T* y = p.y + size_t(blockIdx.x) * p.size;
+  const T* x = p.x + p.row();
   const uint32_t n = p.size;
   // buf[k] holds x[k] at the same offset within a 16-byte pack, so x's packs land on aligned slots.
   T* buf = reinterpret_cast<T*>(smem) + (reinterpret_cast<uintptr_t>(x) & 15) / sizeof(T);
@@ -237,44 +331,66 @@ __global__ void __launch_bounds__(1024) row_on_chip(RowArgs<T> p) {
   __pipeline_commit();
   for (uint32_t u = threadIdx.x; u < sp.scalars; u += blockDim.x) buf[sp.scalar(u)] = x[sp.scalar(u)];
   __pipeline_wait_prior(0);
+  if (p.skip) {  // each thread adds skip to the slots it copied
+    const Source<T> sum{.x = buf, .skip = p.skip + p.row()};
+    for (uint32_t u = threadIdx.x; u < sp.packs; u += blockDim.x) {
+      float v[V];
+      sum.read(sp.head + u * V, v);
+      store_pack(buf + sp.head + u * V, v);
+    }
+    for (uint32_t u = threadIdx.x; u < sp.scalars; u += blockDim.x) buf[sp.scalar(u)] = from_f<T>(sum.at(sp.scalar(u)));
+  }
   __syncthreads();
+  if (p.sum) write_row(p.sum + p.row(), Source<T>{.x = buf}, n, Copy{});
 
-  float hi = 0.f, lo = 0.f, q = 0.f;
-  if (p.centered) {  // exact two-pass over shared memory, around hi = x[0]
-    hi = to_f(buf[0]);
+  const Deviation<T> dev = p.deviation(p.centered ? to_f(buf[0]) : 0.f);
+  float lo = 0.f, q = 0.f;
+  if (p.centered) {  // exact two-pass over shared memory, around hi = the row's first value
     float s = 0.f;
-    for (uint32_t k = threadIdx.x; k < n; k += blockDim.x) s += to_f(buf[k]) - hi;
+    for (uint32_t k = threadIdx.x; k < n; k += blockDim.x) s += dev(to_f(buf[k]), k);
     lo = block_sum(s) / float(n);
     for (uint32_t k = threadIdx.x; k < n; k += blockDim.x) {
-      const float d = (to_f(buf[k]) - hi) - lo;
+      const float d = dev(to_f(buf[k]), k) - lo;
       q += d * d;
     }
   } else {
-    for (uint32_t k = threadIdx.x; k < n; k += blockDim.x) q += to_f(buf[k]) * to_f(buf[k]);
+    for (uint32_t k = threadIdx.x; k < n; k += blockDim.x) {
+      const float v = dev(to_f(buf[k]), k);
+      q += v * v;
+    }
   }
   const float rstd = rsqrtf(block_sum(q) * p.inv_n + p.epsilon);
-  write_row(y, buf, n, p.affine(hi, lo, rstd));
+  write_row(p.y + p.row(), Source<T>{.x = buf}, n, p.affine(dev, lo, rstd));
 }
 
-/// One block per instance: statistics pass, then read/normalize/write pass, both over global memory.
+/// One block per instance: statistics pass (which also writes `sum` when set), then read/normalize/write
+/// pass, both over global memory.
 template <class T>
 __global__ void __launch_bounds__(512) row_two_pass(RowArgs<T> p) {
   constexpr uint32_t V = kVec<T>;
-  const T* x = p.x + size_t(blockIdx.x) * p.size;
-  T* y = p.y + size_t(blockIdx.x) * p.size;
+  const Source<T> src{.x = p.x + p.row(), .skip = p.skip ? p.skip + p.row() : nullptr};
+  T* sum = p.sum ? p.sum + p.row() : nullptr;
   const uint32_t n = p.size;
-  const float hi = p.centered ? to_f(x[0]) : 0.f;
+  const Deviation<T> dev = p.deviation(p.centered ? src.at(0) : 0.f);
   Stat s{0.f, 0.f, 0.f};
-  const Split<T> sp(x, n);
+  const Split<T> sp(src.x, n);
   for (uint32_t u = threadIdx.x; u < sp.packs; u += blockDim.x) {
+    const uint32_t k = sp.head + u * V;
     float v[V];
-    load(x, sp.head + u * V, v);
+    src.read(k, v);
+    if (sum) store(sum, k, v);
 #pragma unroll
-    for (uint32_t j = 0; j < V; ++j) add(s, v[j] - hi, p.centered);
+    for (uint32_t j = 0; j < V; ++j) add(s, dev(v[j], k + j), p.centered);
   }
-  for (uint32_t u = threadIdx.x; u < sp.scalars; u += blockDim.x) add(s, to_f(x[sp.scalar(u)]) - hi, p.centered);
-  s = block_merge(s);
-  write_row(y, x, n, p.affine(hi, s.mean, rsqrtf(s.m2 * p.inv_n + p.epsilon)));
+  for (uint32_t u = threadIdx.x; u < sp.scalars; u += blockDim.x) {
+    const uint32_t k = sp.scalar(u);
+    const float v = src.at(k);
+    if (sum) sum[k] = from_f<T>(v);
+    add(s, dev(v, k), p.centered);
+  }
+  s = block_merge(s);  // its __syncthreads also makes `sum` visible to the whole block
+  write_row(p.y + p.row(), sum ? Source<T>{.x = sum} : src, n,
+            p.affine(dev, s.mean, rsqrtf(s.m2 * p.inv_n + p.epsilon)));
 }
 
 // ---- channel-first LayerNorm: N x C x S, over C per (n, s)
@@ -451,11 +567,13 @@ std::string rows(const RowNorm& p, float inv_n, Dtype dtype, void* stream, Path 
   const auto s = static_cast<cudaStream_t>(stream);
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
-    const RowArgs<T> a{.x = static_cast<const T*>(p.x), .gamma = static_cast<const T*>(p.gamma),
+    const RowArgs<T> a{.x = static_cast<const T*>(p.x), .skip = static_cast<const T*>(p.skip),
+                       .add = static_cast<const T*>(p.add), .gamma = static_cast<const T*>(p.gamma),
                        .beta = static_cast<const T*>(p.beta), .tau = static_cast<const T*>(p.tau),
-                       .y = static_cast<T*>(p.y), .size = uint32_t(p.size), .spatial = uint32_t(p.spatial),
-                       .channels = uint32_t(p.size / p.spatial), .period = uint32_t(p.period), .epsilon = p.epsilon,
-                       .inv_n = inv_n, .centered = p.centered, .activation = p.activation};
+                       .y = static_cast<T*>(p.y), .sum = static_cast<T*>(p.sum), .size = uint32_t(p.size),
+                       .channels = uint32_t(p.size / p.spatial), .period = uint32_t(p.period),
+                       .spatial = FastDiv(uint32_t(p.spatial)), .epsilon = p.epsilon, .inv_n = inv_n,
+                       .centered = p.centered, .activation = p.activation};
     if (on_chip) {
       if (allow_smem(row_on_chip<T>, bytes) != cudaSuccess) return;  // reported by last_error
       // ~2 packs per thread: enough threads to keep the copies and the writes in flight

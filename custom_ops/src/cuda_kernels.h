@@ -20,12 +20,18 @@ enum class Path { automatic, on_chip, two_pass };
 /// last-axes LayerNorm and RMSNorm). Element k of instance i uses parameter
 /// (i % period) * (size / spatial) + k / spatial. Fill it with designated initialisers; the
 /// defaults are a last-axes row norm (a parameter per element) without activation.
+/// The fused adds: `skip` (SkipLayerNorm / SkipRMSNorm) normalizes x + skip rounded to T, as the Add it
+/// replaces, and writes that sum to `sum` when set; `add` (BiasGroupNorm) normalizes x + add in float,
+/// element k of instance i adding add[i * (size / spatial) + k / spatial] (one value per channel).
 struct RowNorm {
   const void* x = nullptr;
+  const void* skip = nullptr;   // x's layout; null: no residual add
+  const void* add = nullptr;    // count * (size / spatial) values; null: no per-channel add
   const void* gamma = nullptr;  // null: scale 1
   const void* beta = nullptr;   // null: shift 0
   const void* tau = nullptr;    // TLU thresholds, read only with Activation::kTlu
   void* y = nullptr;
+  void* sum = nullptr;          // x's layout: x + skip as normalized; null: not written
   int64_t count = 0;    // instances
   int64_t size = 0;     // elements per instance
   int64_t spatial = 1;  // consecutive elements sharing one parameter

@@ -1,6 +1,7 @@
 // What ties a kernel to onnxruntime: errors, attributes, the shape checks every op runs at session
 // creation and in Compute (the Kernel base), and registration of an op's kernels for each type.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -168,12 +169,31 @@ inline OrtStatusPtr ORT_API_CALL same_as_input(const OrtCustomOp*, OrtShapeInfer
   return api.ShapeInferContext_SetOutputTypeShape(ctx, 0, output);
 }
 
-/// Registers op Op<T, false>::kName: Op<T, false> on the CPU for float, double, float16 and bfloat16,
-/// and in the CUDA library also Op<T, true> on CUDA for float, float16 and bfloat16.
+/// Output 0 as `same_as_input`; an optional output 1 (the Skip...Sum ops' sum) like input 0 when its shape is
+/// fully known, else left undeclared (an unknown size handed back as -1 would be taken for a size). A node
+/// that leaves output 1 out has none to set: that error is dropped.
+inline OrtStatusPtr ORT_API_CALL outputs_as_input(const OrtCustomOp* op, OrtShapeInferContext* ctx) {
+  if (OrtStatusPtr status = same_as_input(op, ctx)) return status;
+  const OrtApi& api = Ort::GetApi();
+  OrtTensorTypeAndShapeInfo* info = nullptr;  // owned by the context
+  size_t rank = 0;
+  if (OrtStatusPtr status = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) return status;
+  if (OrtStatusPtr status = api.GetDimensionsCount(info, &rank)) return status;
+  std::vector<int64_t> dims(rank);
+  if (OrtStatusPtr status = api.GetDimensions(info, dims.data(), rank)) return status;
+  if (rank == 0 || std::any_of(dims.begin(), dims.end(), [](int64_t d) { return d < 0; })) return nullptr;
+  if (OrtStatusPtr status = api.ShapeInferContext_SetOutputTypeShape(ctx, 1, info)) api.ReleaseStatus(status);
+  return nullptr;
+}
+
+using InferShapes = OrtStatusPtr(ORT_API_CALL*)(const OrtCustomOp*, OrtShapeInferContext*);
+
+/// Registers op `name` (default Op<T, false>::kName): Op<T, false> on the CPU for float, double, float16 and
+/// bfloat16, and in the CUDA library also Op<T, true> on CUDA for float, float16 and bfloat16; `infer` gives
+/// the output types and shapes.
 template <template <class, bool> class Op>
-void add_kernels(OpList& ops) {
+void add_kernels(OpList& ops, const char* name = Op<float, false>::kName, InferShapes infer = same_as_input) {
   using Ort::Custom::CreateLiteCustomOp;
-  const char* name = Op<float, false>::kName;
   const size_t first = ops.size();
   ops.emplace_back(CreateLiteCustomOp<Op<float, false>>(name, "CPUExecutionProvider"));
   ops.emplace_back(CreateLiteCustomOp<Op<double, false>>(name, "CPUExecutionProvider"));
@@ -184,7 +204,7 @@ void add_kernels(OpList& ops) {
   ops.emplace_back(CreateLiteCustomOp<Op<Ort::Float16_t, true>>(name, "CUDAExecutionProvider"));
   ops.emplace_back(CreateLiteCustomOp<Op<Ort::BFloat16_t, true>>(name, "CUDAExecutionProvider"));
 #endif
-  for (size_t i = first; i < ops.size(); ++i) ops[i]->InferOutputShapeFn = same_as_input;
+  for (size_t i = first; i < ops.size(); ++i) ops[i]->InferOutputShapeFn = infer;
 }
 
 #ifdef NORMFOLD_WITH_CUDA
@@ -206,7 +226,7 @@ void add_layer_norm(OpList& ops);
 void add_rms_norm(OpList& ops);
 void add_filter_response_norm(OpList& ops);
 void add_weight_norm(OpList& ops);
-void add_skip_norms(OpList& ops);  // SkipLayerNorm, SkipRMSNorm
+void add_skip_norms(OpList& ops);  // SkipLayerNorm(Sum), SkipRMSNorm(Sum)
 void add_bias_group_norm(OpList& ops);
 
 }  // namespace normfold

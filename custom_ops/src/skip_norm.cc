@@ -6,11 +6,10 @@
 // RMSNorm: required).
 //
 // The data is read once: each row's sum is made in a per-thread buffer (or straight into the sum
-// output) that the statistics and the write pass then read from cache. CPU kernels only: in the
-// CUDA library onnxruntime runs these nodes on the CPU.
+// output) that the statistics and the write pass then read from cache. CUDA: the row kernels of
+// cuda_kernels.h with `skip` (and `sum`).
 #include <cmath>
 
-#include "cpu_registration.h"
 #include "loops.h"
 #include "ort_glue.h"
 #include "parallel.h"
@@ -113,7 +112,7 @@ void skip_norm(OrtKernelContext* ctx, const T* x, const T* skip, T* y, T* sums, 
       });
 }
 
-template <class T, class Attrs>
+template <class T, class Attrs, bool kCuda>
 struct SkipKernel : Kernel<Attrs> {
   using Kernel<Attrs>::Kernel;
   using Tensor = Ort::Custom::Tensor<T>;
@@ -122,6 +121,15 @@ struct SkipKernel : Kernel<Attrs> {
                   std::optional<const Tensor*> bias, Tensor& Y, std::optional<Tensor*> sum, bool centered) {
     const Shape& shape = X.Shape();
     const int64_t d = numel(shape, size_t(normalized_axis(this->attrs.axis, shape.size())));
+#ifdef NORMFOLD_WITH_CUDA
+    if constexpr (kCuda) {
+      const cuda::RowNorm p{.x = X.Data(), .skip = skip.Data(), .gamma = scale.Data(),
+                            .beta = bias ? (*bias)->Data() : nullptr, .y = Y.Allocate(shape),
+                            .sum = sum ? (*sum)->Allocate(shape) : nullptr, .count = d ? numel(shape) / d : 0,
+                            .size = d, .epsilon = this->attrs.epsilon, .centered = centered};
+      return status_of(cuda::row_norm(p, cuda_dtype<T>(), cuda_stream(ctx)));
+    }
+#endif
     std::vector<Acc<T>> gamma_values, beta_values;  // converted copies, fp16/bf16 only
     const Acc<T>* gamma = acc_values(scale.Data(), d, gamma_values);
     const Acc<T>* beta = bias ? acc_values((*bias)->Data(), d, beta_values) : nullptr;
@@ -134,8 +142,8 @@ struct SkipKernel : Kernel<Attrs> {
 };
 
 template <class T, bool kCuda>
-struct SkipLayerNorm : SkipKernel<T, SkipLayerNormAttrs> {
-  using SkipKernel<T, SkipLayerNormAttrs>::SkipKernel;
+struct SkipLayerNorm : SkipKernel<T, SkipLayerNormAttrs, kCuda> {
+  using SkipKernel<T, SkipLayerNormAttrs, kCuda>::SkipKernel;
   using Tensor = Ort::Custom::Tensor<T>;
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor& X, const Tensor& skip, const Tensor& scale,
@@ -146,8 +154,8 @@ struct SkipLayerNorm : SkipKernel<T, SkipLayerNormAttrs> {
 };
 
 template <class T, bool kCuda>
-struct SkipRMSNorm : SkipKernel<T, SkipRMSNormAttrs> {
-  using SkipKernel<T, SkipRMSNormAttrs>::SkipKernel;
+struct SkipRMSNorm : SkipKernel<T, SkipRMSNormAttrs, kCuda> {
+  using SkipKernel<T, SkipRMSNormAttrs, kCuda>::SkipKernel;
   using Tensor = Ort::Custom::Tensor<T>;
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor& X, const Tensor& skip, const Tensor& scale, Tensor& Y,
@@ -162,10 +170,10 @@ struct SkipRMSNorm : SkipKernel<T, SkipRMSNormAttrs> {
 // SkipLayerNorm / SkipRMSNorm output Y; SkipLayerNormSum / SkipRMSNormSum also the sum (same kernels: the
 // sum output is optional in the kernel; separate op names give each its own ONNX function body).
 void add_skip_norms(OpList& ops) {
-  add_cpu_kernels<SkipLayerNorm>(ops, "SkipLayerNorm");
-  add_cpu_kernels<SkipLayerNorm>(ops, "SkipLayerNormSum");
-  add_cpu_kernels<SkipRMSNorm>(ops, "SkipRMSNorm");
-  add_cpu_kernels<SkipRMSNorm>(ops, "SkipRMSNormSum");
+  add_kernels<SkipLayerNorm>(ops, "SkipLayerNorm", outputs_as_input);
+  add_kernels<SkipLayerNorm>(ops, "SkipLayerNormSum", outputs_as_input);
+  add_kernels<SkipRMSNorm>(ops, "SkipRMSNorm", outputs_as_input);
+  add_kernels<SkipRMSNorm>(ops, "SkipRMSNormSum", outputs_as_input);
 }
 
 }  // namespace normfold
