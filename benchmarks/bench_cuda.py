@@ -35,7 +35,7 @@ BUILD_SCRIPT = ROOT / "custom_ops" / "build.sh"  # NORMFOLD_HARNESS=1: the CMake
 DEFAULT_HARNESS = ROOT / "custom_ops" / "build" / "harness" / "libnormfold_cuda_harness.so"
 SOURCES = [ROOT / "custom_ops" / "CMakeLists.txt",
            *(ROOT / "custom_ops" / "src" / f
-             for f in ("cuda_kernels.cu", "cuda_kernels.h", "cuda_harness.cu", "activation.h"))]
+             for f in ("cuda_kernels.cu", "cuda_kernels.h", "cuda_harness.cu", "activation.h", "fast_div.h"))]
 PATHS = {"auto": 0, "on_chip": 1, "two_pass": 2}
 
 
@@ -102,13 +102,15 @@ class Harness:
     def __init__(self, path: Path | str):
         self.lib = ctypes.CDLL(str(path))
         i64, f32, i32, vp = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-        self.lib.nf_row_norm.argtypes = [vp] * 5 + [i64] * 4 + [f32] + [i32] * 4 + [vp]
+        self.lib.nf_row_norm.argtypes = [vp] * 8 + [i64] * 4 + [f32] + [i32] * 4 + [vp]
         self.lib.nf_channel_norm.argtypes = [vp] * 4 + [i64] * 3 + [f32, i32, i32, vp]
         self.lib.nf_weight_norm.argtypes = [vp] * 3 + [i64] * 3 + [i32, vp]
         for f in (self.lib.nf_row_norm, self.lib.nf_channel_norm, self.lib.nf_weight_norm):
             f.restype = ctypes.c_char_p
         self.lib.nf_row_path.argtypes = [i64, i32]
         self.lib.nf_channel_path.argtypes = [i64, i64, i32]
+        self.lib.nf_fast_div.argtypes = [ctypes.c_uint32, ctypes.c_uint32]
+        self.lib.nf_fast_div.restype = ctypes.c_uint32
 
     @staticmethod
     def _check(message: bytes | None) -> None:
@@ -122,12 +124,15 @@ class Harness:
     # ---- the raw launchers (cuda_kernels.h)
 
     def row_norm(self, x, count, size, spatial, period, epsilon, centered, activation=0, gamma=None, beta=None,
-                 tau=None, out=None, path="auto", param_count=None):
+                 tau=None, out=None, path="auto", param_count=None, skip=None, add=None, sum_out=None):
+        """`skip` (x's shape) and `add` (count * size / spatial values) are the fused adds; `sum_out` receives
+        x + skip."""
         out = torch.empty_like(x) if out is None else out
         self._check(self.lib.nf_row_norm(
-            _ptr(x, x, None, "x"), _ptr(gamma, x, param_count, "gamma"), _ptr(beta, x, param_count, "beta"),
-            _ptr(tau, x, param_count, "tau"), _ptr(out, x, x.numel(), "out"), count, size, spatial, period, epsilon,
-            int(centered), activation, _dtype_code(x), PATHS[path], self._stream(x)))
+            _ptr(x, x, None, "x"), _ptr(skip, x, x.numel(), "skip"), _ptr(add, x, count * size // spatial, "add"),
+            _ptr(gamma, x, param_count, "gamma"), _ptr(beta, x, param_count, "beta"), _ptr(tau, x, param_count, "tau"),
+            _ptr(out, x, x.numel(), "out"), _ptr(sum_out, x, x.numel(), "sum_out"), count, size, spatial, period,
+            epsilon, int(centered), activation, _dtype_code(x), PATHS[path], self._stream(x)))
         return out
 
     def row_path(self, size: int, dtype: torch.dtype) -> str:
@@ -139,16 +144,19 @@ class Harness:
 
     # ---- the ops, mapped onto the launchers exactly as custom_ops/src/*.cc do
 
-    def group_norm(self, x, num_groups, scale, bias, epsilon=1e-5, silu=False, out=None, path="auto"):
+    def group_norm(self, x, num_groups, scale, bias, epsilon=1e-5, silu=False, out=None, path="auto", add=None):
+        """GroupNorm; with `add` (N·C values) BiasGroupNorm, GroupNorm(x + add[n, c])."""
         n, c, spatial = x.shape[0], x.shape[1], _numel(x.shape[2:])
         size = c // num_groups * spatial
         return self.row_norm(x, n * num_groups, size, spatial, num_groups, epsilon, True, 1 if silu else 0,
-                             scale, bias, out=out, path=path, param_count=c)
+                             scale, bias, out=out, path=path, param_count=c,
+                             add=None if add is None else add.reshape(-1))
 
-    def layer_norm(self, x, scale, bias=None, axis=-1, epsilon=1e-5, out=None, path="auto"):
+    def layer_norm(self, x, scale, bias=None, axis=-1, epsilon=1e-5, out=None, path="auto", skip=None, sum_out=None):
+        """LayerNorm over [axis, rank); with `skip` SkipLayerNorm of x + skip (`sum_out` gets the sum)."""
         d = _numel(x.shape[axis % x.dim():])
         return self.row_norm(x, x.numel() // d, d, 1, 1, epsilon, True, 0, scale, bias, out=out, path=path,
-                             param_count=d)
+                             param_count=d, skip=skip, sum_out=sum_out)
 
     def layer_norm_channel_first(self, x, scale, bias=None, epsilon=1e-5, out=None, path="auto"):
         out = torch.empty_like(x) if out is None else out
@@ -158,9 +166,11 @@ class Harness:
             x.shape[0], c, _numel(x.shape[2:]), epsilon, _dtype_code(x), PATHS[path], self._stream(x)))
         return out
 
-    def rms_norm(self, x, scale=None, axis=-1, epsilon=1e-6, out=None, path="auto"):
+    def rms_norm(self, x, scale=None, axis=-1, epsilon=1e-6, out=None, path="auto", skip=None, sum_out=None):
+        """RMSNorm over [axis, rank); with `skip` SkipRMSNorm of x + skip (`sum_out` gets the sum)."""
         d = _numel(x.shape[axis % x.dim():])
-        return self.row_norm(x, x.numel() // d, d, 1, 1, epsilon, False, 0, scale, out=out, path=path, param_count=d)
+        return self.row_norm(x, x.numel() // d, d, 1, 1, epsilon, False, 0, scale, out=out, path=path, param_count=d,
+                             skip=skip, sum_out=sum_out)
 
     def filter_response_norm(self, x, gamma, beta, tau=None, epsilon=1e-6, use_tlu=True, out=None, path="auto"):
         n, c, spatial = x.shape[0], x.shape[1], _numel(x.shape[2:])

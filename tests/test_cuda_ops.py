@@ -10,11 +10,16 @@ of GPU tests, each skipping cleanly (with the reason) where it cannot run:
   the shape families of the CPU tests, odd sizes, misaligned views, large mean
   offsets, against PyTorch on the GPU in float64; launches on the caller's stream
   without synchronising;
-- op tests on onnxruntime's CUDA provider (need onnxruntime-gpu).
+- op tests on onnxruntime's CUDA provider (need onnxruntime-gpu); those of the fused-add ops also
+  check, from onnxruntime's profile, that the node ran on the CUDA provider.
+The fused adds (SkipLayerNorm(Sum), SkipRMSNorm(Sum), BiasGroupNorm) run the row kernels with a
+residual `skip` (and `sum` output) or a per-channel `add`: the sum output must equal PyTorch's
+x + skip in the storage type bit for bit, Y the norm of that rounded sum.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -25,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto
 from tests.test_custom_ops import (one_node, ref_frn, ref_group_norm, ref_layer_norm, ref_rms_norm, ref_weight_norm)
+from tests.test_fused_adds import bias_gn_feeds, bias_gn_model, bias_gn_reference, feeds_for, skip_model
+from tests.test_fused_adds import reference as skip_reference
 
 from normfold.tools.doctor import doctor
 from normfold.ops.library import cuda_ops_library_path
@@ -55,6 +62,29 @@ def test_cuda_library_loads_and_runs_its_cpu_kernels(rng):
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     y = session.run(None, dict(X=x, scale=scale, bias=bias))[0]
     np.testing.assert_allclose(y, ref_group_norm(x, scale, bias, 4), atol=1e-5)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA library is not built here")
+@pytest.mark.parametrize("op", ["SkipLayerNormSum", "SkipRMSNorm", "BiasGroupNorm"])
+def test_cuda_library_runs_the_fused_add_ops_on_the_cpu(op, rng):
+    """Registered for both providers, the fused-add ops still run their CPU kernels on the CPU provider."""
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(cuda_ops_library_path())
+    if op == "BiasGroupNorm":
+        shape = (2, 8, 5, 3)
+        model, feeds = bias_gn_model(shape, 4), bias_gn_feeds(shape, np.float32, rng, offset=10.0)
+        want = [bias_gn_reference(feeds, 4)]
+    else:
+        base, with_sum = op.removesuffix("Sum"), op.endswith("Sum")
+        model, feeds = skip_model(base, (3, 40), 40, with_sum=with_sum), feeds_for(base, (3, 40), 40, np.float32, rng)
+        y, total = skip_reference(base, feeds)
+        want = [y, total] if with_sum else [y]
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, feeds)
+    assert len(got) == len(want)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+    if len(want) == 2:
+        np.testing.assert_array_equal(got[1], want[1])
 
 
 def _gpu_ready() -> bool:
@@ -147,6 +177,65 @@ def test_group_norm_cuda_matches_torch_cuda_layer(rng):
     np.testing.assert_allclose(session.run(None, inputs)[0].astype(np.float32), expected, atol=1e-2, rtol=1e-2)
 
 
+def cuda_session(model, tmp_path) -> ort.InferenceSession:
+    """`model` on onnxruntime's CUDA provider with the CUDA library, profiled (see `providers_of`)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    options.register_custom_ops_library(cuda_ops_library_path())
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def providers_of(session: ort.InferenceSession, op: str) -> set[str]:
+    """The execution providers the session's profile shows running nodes of `op` (ends the profile)."""
+    data = json.loads(Path(session.end_profiling()).read_text())
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    return {e["args"]["provider"] for e in events
+            if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == op and "provider" in e["args"]}
+
+
+SKIP_SHAPES = [(2, 7, 768), (3, 1001), (1, 2, 200003)]  # the last: rows too long for shared memory (two-pass)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+@pytest.mark.parametrize("with_sum", [False, True])
+@pytest.mark.parametrize("op,bias", [("SkipLayerNorm", True), ("SkipLayerNorm", False), ("SkipRMSNorm", True)])
+@pytest.mark.parametrize("shape", SKIP_SHAPES, ids=["x".join(map(str, s)) for s in SKIP_SHAPES])
+def test_skip_norm_cuda(shape, op, bias, with_sum, dtype_name, rng, tmp_path):
+    dtype, d = DTYPES[dtype_name][0], shape[-1]
+    feeds = feeds_for(op, shape, d, dtype, rng, offset=50.0, bias=bias)
+    session = cuda_session(skip_model(op, shape, d, dtype, with_sum=with_sum, bias=bias), tmp_path)
+    got = session.run(None, feeds)
+    assert providers_of(session, op + ("Sum" if with_sum else "")) == {"CUDAExecutionProvider"}
+    want, total = skip_reference(op, feeds)
+    assert len(got) == (2 if with_sum else 1) and got[0].dtype == dtype
+    check(got[0], want, dtype_name)
+    if with_sum:
+        np.testing.assert_array_equal(got[1], total)  # the Add it replaces, rounded to T
+
+
+BGN_SHAPES = [((2, 64, 9, 11), 8), ((1, 32, 128, 128), 2), ((3, 6, 5), 3), ((2, 320, 8, 8), 32), ((2, 12), 4)]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+@pytest.mark.parametrize("activation", ["none", "silu"])
+@pytest.mark.parametrize("shape,groups", BGN_SHAPES, ids=[f"{'x'.join(map(str, s))}-g{g}" for s, g in BGN_SHAPES])
+def test_bias_group_norm_cuda(shape, groups, activation, dtype_name, rng, tmp_path):
+    dtype = DTYPES[dtype_name][0]
+    feeds = bias_gn_feeds(shape, dtype, rng, offset=100.0)
+    session = cuda_session(bias_gn_model(shape, groups, dtype, activation=activation), tmp_path)
+    y = session.run(None, feeds)[0]
+    assert providers_of(session, "BiasGroupNorm") == {"CUDAExecutionProvider"}
+    assert y.dtype == dtype
+    check(y, bias_gn_reference(feeds, groups, activation), dtype_name)
+
+
 # ---------------------------------------------------------------- the kernels through the direct-call harness
 
 KERNELS = Path(__file__).resolve().parents[1] / "custom_ops" / "src" / "cuda_kernels.cu"
@@ -167,17 +256,41 @@ def test_cuda_kernels_never_allocate_synchronise_or_use_the_default_stream():
         assert len(parts) == 4 and parts[3] not in ("0", "nullptr", "cudaStreamLegacy"), f"launch <<<{config}>>>"
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA harness cannot be built here")
-def test_cuda_harness_builds_and_loads(tmp_path):
-    """The harness target compiles (one architecture here, for speed) and the library loads;
-    its argument checks and empty launches answer without touching a GPU."""
-    proc = bench_cuda.build_harness(tmp_path, archs="80")
+@pytest.fixture(scope="module")
+def host_harness(tmp_path_factory):
+    """The harness built here (one architecture, for speed) and loaded, for what runs without a GPU."""
+    if NVCC is None:
+        pytest.skip("nvcc not found: the CUDA harness cannot be built here")
+    out = tmp_path_factory.mktemp("harness")
+    proc = bench_cuda.build_harness(out, archs="80")
     assert proc.returncode == 0, (proc.stderr + proc.stdout)[-3000:]
-    lib = bench_cuda.Harness(tmp_path / "libnormfold_cuda_harness.so").lib
-    assert lib.nf_row_norm(*[None] * 5, 2, 4, 1, 1, 1e-5, 1, 0, 7, 0, None) == b"bad dtype or path"
-    assert lib.nf_row_norm(*[None] * 5, 2, 4, 1, 1, 1e-5, 1, 3, 0, 0, None) == b"bad activation"
-    assert lib.nf_row_norm(*[None] * 5, 0, 4, 1, 1, 1e-5, 1, 0, 0, 0, None) is None  # empty: nothing launched
+    return bench_cuda.Harness(out / "libnormfold_cuda_harness.so").lib
+
+
+def test_cuda_harness_builds_and_loads(host_harness):
+    """The harness target compiles and the library loads; its argument checks and empty launches
+    answer without touching a GPU."""
+    lib = host_harness
+    assert lib.nf_row_norm(*[None] * 8, 2, 4, 1, 1, 1e-5, 1, 0, 7, 0, None) == b"bad dtype or path"
+    assert lib.nf_row_norm(*[None] * 8, 2, 4, 1, 1, 1e-5, 1, 3, 0, 0, None) == b"bad activation"
+    assert lib.nf_row_norm(*[None] * 8, 2, 4, 3, 1, 1e-5, 1, 0, 0, 0, None) == b"bad spatial or period"
+    assert lib.nf_row_norm(*[None] * 8, 0, 4, 1, 1, 1e-5, 1, 0, 0, 0, None) is None  # empty: nothing launched
     assert lib.nf_channel_norm(*[None] * 4, 0, 3, 5, 1e-5, 1, 2, None) is None
+
+
+def test_fast_div_is_integer_division(host_harness):
+    """The kernels' element -> channel map (FastDiv, run on the host through the harness) is k // d for
+    every divisor shape (1, powers of two and their neighbours, primes, the largest) and k up to 2^31 - 1."""
+    r = np.random.default_rng(0)
+    big = (1 << 31) - 1
+    divisors = {1, 2, 3, 5, 7, 9, 49, 1000, 3136, 4096, 65537, 300007, big - 1, big,
+                *(int(v) for v in r.integers(1, big, 200))}
+    divisors |= {(1 << e) + o for e in range(1, 31) for o in (-1, 0, 1)}
+    for d in sorted(divisors):
+        ks = {0, 1, d - 1, d, d + 1, big - 1, big, big // d * d, big // d * d - 1, *(int(v) for v in r.integers(0, big, 50))}
+        for k in ks:
+            if 0 <= k <= big:
+                assert host_harness.nf_fast_div(k, d) == k // d, (k, d)
 
 
 @pytest.fixture(scope="session")
@@ -228,9 +341,17 @@ def assert_close_gpu(y: torch.Tensor, ref: torch.Tensor, dtype_name: str) -> Non
                              f"(allowed {allowed.flatten()[i].item():.3g}); nan in y: {bool(y.isnan().any())}")
 
 
+SKIP_OPS = {"skip_layer_norm": "layer_norm", "skip_rms_norm": "rms_norm"}  # fused op -> the norm of x + skip
+
+
 def reference(op: str, x, p: dict, a: dict):
-    """The PyTorch layer in float64 on the GPU (channel-first LN and FRN written out by hand)."""
+    """The PyTorch layer in float64 on the GPU (channel-first LN and FRN written out by hand). For the Skip
+    ops x is already the sum x + skip (rounded to the storage type)."""
     view = (1, -1) + (1,) * (x.dim() - 2)
+    if op in SKIP_OPS:
+        return reference(SKIP_OPS[op], x, p, a)
+    if op == "bias_group_norm":
+        return reference("group_norm", x + p["add"].view(x.shape[:2] + (1,) * (x.dim() - 2)), p, a)
     if op == "group_norm":
         y = torch.group_norm(x, a["groups"], p["scale"], p["bias"], a["eps"])  # F.group_norm refuses 1 value per group
         return F.silu(y) if a.get("silu") else y
@@ -256,9 +377,16 @@ def reference(op: str, x, p: dict, a: dict):
     raise ValueError(op)
 
 
-def launch(h, op: str, x, p: dict, a: dict, out, path: str):
-    if op == "group_norm":
-        return h.group_norm(x, a["groups"], p["scale"], p["bias"], a["eps"], a.get("silu", False), out=out, path=path)
+def launch(h, op: str, x, p: dict, a: dict, out, path: str, sum_out=None):
+    if op in ("group_norm", "bias_group_norm"):
+        return h.group_norm(x, a["groups"], p["scale"], p["bias"], a["eps"], a.get("silu", False), out=out, path=path,
+                            add=p.get("add"))
+    if op == "skip_layer_norm":
+        return h.layer_norm(x, p["scale"], p["bias"], a["axis"], a["eps"], out=out, path=path,
+                            skip=p["skip"].view(x.shape), sum_out=sum_out)
+    if op == "skip_rms_norm":
+        return h.rms_norm(x, p["scale"], a["axis"], a["eps"], out=out, path=path, skip=p["skip"].view(x.shape),
+                          sum_out=sum_out)
     if op == "layer_norm":
         return h.layer_norm(x, p["scale"], p["bias"], a["axis"], a["eps"], out=out, path=path)
     if op == "channel_ln":
@@ -278,6 +406,10 @@ def param_shapes(op: str, shape, a: dict) -> dict:
     c = shape[1] if len(shape) > 1 else None
     if op == "group_norm":
         return dict(scale=c, bias=c)
+    if op == "bias_group_norm":
+        return dict(add=shape[0] * c, scale=c, bias=c)
+    if op in SKIP_OPS:
+        return dict(skip=int(np.prod(shape)), **param_shapes(SKIP_OPS[op], shape, a))
     if op in ("layer_norm", "rms_norm"):
         d = int(np.prod(shape[a["axis"] % len(shape):]))
         return dict(scale=d, bias=d if a.get("bias", True) else None) if op == "layer_norm" else dict(
@@ -291,9 +423,9 @@ def param_shapes(op: str, shape, a: dict) -> dict:
 
 def fits_on_chip(h, op: str, shape, a: dict, dtype) -> bool:
     spatial = int(np.prod(shape[2:]))
-    if op == "group_norm":
+    if op in ("group_norm", "bias_group_norm"):
         return h.row_path(shape[1] // a["groups"] * spatial, dtype) == "on_chip"
-    if op in ("layer_norm", "rms_norm"):
+    if op in ("layer_norm", "rms_norm", *SKIP_OPS):
         return h.row_path(int(np.prod(shape[a["axis"] % len(shape):])), dtype) == "on_chip"
     if op == "channel_ln":
         return h.channel_path(shape[1], spatial, dtype) == "on_chip"
@@ -304,24 +436,33 @@ def fits_on_chip(h, op: str, shape, a: dict, dtype) -> bool:
 
 def check_case(h, op: str, shape, dtype_name: str, path: str = "auto", *, offset: float = 0.0, spread: float = 1.0,
                x_off: int = 0, y_off: int = 0, p_off: int = 0, seed: int = 0, **a) -> None:
-    """Runs `op` on random data (spread * N(0, 1) + offset) through the harness and compares with PyTorch."""
+    """Runs `op` on random data (spread * N(0, 1) + offset) through the harness and compares with PyTorch.
+    The fused adds: `skip` and `add` are drawn like the parameters (p_off applies to them); `with_sum`
+    (Skip ops) also writes the sum, at y_off like Y, which must be PyTorch's x + skip in the storage type."""
     dtype = TORCH_DTYPES[dtype_name]
     gen = torch.Generator().manual_seed(seed)
     x64 = torch.randn(shape, generator=gen, dtype=torch.float64) * spread + offset
     x = on_gpu(x64, dtype, x_off)
     params = {k: None if n is None else on_gpu(torch.randn(n, generator=gen, dtype=torch.float64), dtype, p_off)
               for k, n in param_shapes(op, shape, a).items()}
-    out = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE) if y_off == 0 else on_gpu(
-        torch.full(shape, float("nan"), dtype=torch.float64), dtype, y_off)
+
+    def nan_output():
+        return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE) if y_off == 0 else on_gpu(
+            torch.full(shape, float("nan"), dtype=torch.float64), dtype, y_off)
+
+    out, sum_out = nan_output(), nan_output() if a.get("with_sum") else None
     if path == "on_chip" and op != "weight_norm" and not fits_on_chip(h, op, shape, a, dtype):
         with pytest.raises(RuntimeError, match="fit in shared memory"):
-            launch(h, op, x, params, a, out, path)
+            launch(h, op, x, params, a, out, path, sum_out)
         return
-    y = launch(h, op, x, params, a, out, path)
+    y = launch(h, op, x, params, a, out, path, sum_out)
     assert y.data_ptr() == out.data_ptr()
-    ref = reference(op, x.double(), {k: None if v is None else v.double() for k, v in params.items()}, a)
+    normalized = (x.float() + params["skip"].view(shape).float()).to(dtype) if op in SKIP_OPS else x  # the Add, in T
+    ref = reference(op, normalized.double(), {k: None if v is None else v.double() for k, v in params.items()}, a)
     torch.cuda.synchronize()
     assert_close_gpu(y, ref, dtype_name)
+    if sum_out is not None:
+        assert torch.equal(sum_out, normalized), f"sum output differs in {int((sum_out != normalized).sum())} elements"
 
 
 GN_CASES = [((1, 8, 7, 13), 4), ((2, 64, 33, 31), 32), ((1, 32, 64, 64), 2), ((1, 8, 4, 8, 9), 1), ((3, 12, 4000), 3),
@@ -376,6 +517,52 @@ def test_rms_norm_kernel(harness, shape, axis, dtype_name, scale, path):
     check_case(harness, "rms_norm", shape, dtype_name, path, offset=3.0, axis=axis, eps=1e-6, scale=scale)
 
 
+SKIP_CASES = [((4, 128, 768), -1), ((3, 5, 7), -1), ((2, 1), -1), ((7, 4, 33), -2), ((64, 1024), -1),
+              ((2, 3, 300007), -1), ((1, 4, 128, 512), 1)]  # the last two: rows too long for shared memory
+SKIP_VARIANTS = [("skip_layer_norm", True), ("skip_layer_norm", False), ("skip_rms_norm", True)]  # (op, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("with_sum", [False, True])
+@pytest.mark.parametrize("op,bias", SKIP_VARIANTS, ids=[f"{o}-{'bias' if b else 'nobias'}" for o, b in SKIP_VARIANTS])
+@pytest.mark.parametrize("dtype_name", list(TORCH_DTYPES))
+@pytest.mark.parametrize("shape,axis", SKIP_CASES, ids=[f"{'x'.join(map(str, s))}-axis{a}" for s, a in SKIP_CASES])
+def test_skip_norm_kernel(harness, shape, axis, dtype_name, op, bias, with_sum, path):
+    """SkipLayerNorm / SkipRMSNorm (with or without the sum output): x = 2 N(0, 1) - 300 (RMSNorm: + 3)
+    plus a unit skip."""
+    check_case(harness, op, shape, dtype_name, path, offset=-300.0 if op == "skip_layer_norm" else 3.0, spread=2.0,
+               axis=axis, eps=1e-5, bias=bias, with_sum=with_sum)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("activation", ["none", "silu"])
+@pytest.mark.parametrize("dtype_name", list(TORCH_DTYPES))
+@pytest.mark.parametrize("shape,groups", GN_CASES, ids=[f"{'x'.join(map(str, s))}-g{g}" for s, g in GN_CASES])
+def test_bias_group_norm_kernel(harness, shape, groups, dtype_name, activation, path):
+    """GroupNorm(x + add[n, c]) on the GroupNorm cases (one channel per group, no spatial axes, groups too
+    large for shared memory included)."""
+    check_case(harness, "bias_group_norm", shape, dtype_name, path, offset=1000.0, spread=3.0, groups=groups,
+               eps=1e-5, silu=activation == "silu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("dtype_name", list(TORCH_DTYPES))
+def test_bias_group_norm_kernel_with_adds_far_from_zero(harness, dtype_name, path):
+    """Adds of 500 ± 1 on data of 1000 ± 1: the deviations (x - x0) + (add_c - add_0) keep full accuracy."""
+    shape, dtype = (2, 16, 9, 7), TORCH_DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(3)
+    x = on_gpu(torch.randn(shape, generator=gen, dtype=torch.float64) + 1000, dtype)
+    add = on_gpu(torch.randn(shape[:2], generator=gen, dtype=torch.float64) + 500, dtype)
+    scale, bias = (on_gpu(torch.randn(16, generator=gen, dtype=torch.float64), dtype) for _ in range(2))
+    y = harness.group_norm(x, 4, scale, bias, add=add, path=path)
+    ref = torch.group_norm(x.double() + add.double()[:, :, None, None], 4, scale.double(), bias.double(), 1e-5)
+    torch.cuda.synchronize()
+    assert_close_gpu(y, ref, dtype_name)
+
+
 FRN_SHAPES = [(1, 8, 7, 13), (2, 64, 33, 31), (2, 12), (3, 6, 5, 4, 3), (2, 4, 300, 300), (8, 32, 56, 56)]
 
 
@@ -408,7 +595,10 @@ MISALIGNED = [("group_norm", (2, 6, 5, 7), dict(groups=3, eps=1e-5, silu=True)),
               ("channel_ln", (2, 16, 64), dict(eps=1e-6)),
               ("rms_norm", (3, 1001), dict(axis=-1, eps=1e-6)),
               ("frn", (2, 3, 17, 19), dict(eps=1e-6)),
-              ("weight_norm", (6, 1001), dict(dim=0))]
+              ("weight_norm", (6, 1001), dict(dim=0)),
+              ("skip_layer_norm", (3, 1001), dict(axis=-1, eps=1e-5, with_sum=True)),
+              ("skip_rms_norm", (5, 517), dict(axis=-1, eps=1e-6, with_sum=True)),
+              ("bias_group_norm", (2, 6, 5, 7), dict(groups=3, eps=1e-5, silu=True))]
 
 
 @pytest.mark.gpu
@@ -417,7 +607,8 @@ MISALIGNED = [("group_norm", (2, 6, 5, 7), dict(groups=3, eps=1e-5, silu=True)),
 @pytest.mark.parametrize("dtype_name", list(TORCH_DTYPES))
 @pytest.mark.parametrize("op,shape,attrs", MISALIGNED, ids=[f"{o}-{'x'.join(map(str, s))}" for o, s, _ in MISALIGNED])
 def test_misaligned_views(harness, op, shape, attrs, dtype_name, path, x_off, y_off, p_off):
-    """X, Y and the parameters as views starting 1-5 elements into their buffers (not 16-byte aligned)."""
+    """X, Y and the parameters as views starting 1-5 elements into their buffers (not 16-byte aligned);
+    skip and add like the parameters, the sum output like Y."""
     check_case(harness, op, shape, dtype_name, path, offset=1000.0 if op != "weight_norm" else 0.0,
                x_off=x_off, y_off=y_off, p_off=p_off, **attrs)
 
@@ -425,19 +616,22 @@ def test_misaligned_views(harness, op, shape, attrs, dtype_name, path, x_off, y_
 def random_case(seed: int):
     """Shapes and attributes drawn like the CPU tests' hypothesis strategies (tests/test_custom_ops.py)."""
     r = np.random.default_rng(seed)
-    op = ["group_norm", "layer_norm", "channel_ln", "rms_norm", "frn", "weight_norm"][seed % 6]
+    op = ["group_norm", "layer_norm", "channel_ln", "rms_norm", "frn", "weight_norm", "skip_layer_norm", "skip_rms_norm",
+          "bias_group_norm"][seed % 9]
     spatial = [int(v) for v in r.integers(1, 10, r.integers(0, 4))]
     common = dict(dtype_name=str(r.choice(list(TORCH_DTYPES))), path=str(r.choice(KERNEL_PATHS)),
                   offset=float(r.choice([0.0, 1000.0])), x_off=int(r.integers(0, 3)), y_off=int(r.integers(0, 3)),
                   p_off=int(r.integers(0, 2)), seed=seed)
-    if op == "group_norm":
+    if op in ("group_norm", "bias_group_norm"):
         groups = int(r.integers(1, 5))
         shape = (int(r.integers(1, 4)), groups * int(r.integers(1, 6)), *spatial)
         a = dict(groups=groups, eps=float(r.choice([1e-8, 1e-5, 0.1, 10.0])), silu=bool(r.integers(0, 2)))
-    elif op in ("layer_norm", "rms_norm"):
+    elif op in ("layer_norm", "rms_norm", *SKIP_OPS):
         shape = tuple(int(v) for v in r.integers(1, 10, r.integers(1, 5)))
         a = dict(axis=int(r.integers(-len(shape), len(shape))), eps=float(r.choice([1e-8, 1e-5, 1.0])),
                  bias=bool(r.integers(0, 2)), scale=bool(r.integers(0, 2)))
+        if op in SKIP_OPS:
+            a["with_sum"] = bool(r.integers(0, 2))
     elif op == "channel_ln":
         shape = (int(r.integers(1, 4)), int(r.integers(1, 71)), *[int(v) for v in r.integers(1, 41, r.integers(0, 4))])
         a = dict(eps=float(r.choice([1e-6, 1e-5, 1.0])), bias=bool(r.integers(0, 2)))
@@ -453,7 +647,7 @@ def random_case(seed: int):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("seed", range(120))
+@pytest.mark.parametrize("seed", range(180))
 def test_random_shapes(harness, seed):
     op, shape, common, a = random_case(seed)
     check_case(harness, op, shape, **common, **a)

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "cuda_kernels.h"
+#include "fast_div.h"
 
 namespace {
 
@@ -29,17 +30,19 @@ bool bad_activation(int a) { return a < int(Activation::kNone) || a > int(Activa
 
 extern "C" {
 
-__attribute__((visibility("default"))) const char* nf_row_norm(const void* x, const void* gamma, const void* beta,
-                                                               const void* tau, void* y, int64_t count, int64_t size,
+/// RowNorm's fields in its order; skip, add and sum may be NULL (no fused add, no sum output).
+__attribute__((visibility("default"))) const char* nf_row_norm(const void* x, const void* skip, const void* add,
+                                                               const void* gamma, const void* beta, const void* tau,
+                                                               void* y, void* sum, int64_t count, int64_t size,
                                                                int64_t spatial, int64_t period, float epsilon,
                                                                int centered, int activation, int dtype, int path,
                                                                void* stream) {
   if (bad(dtype, path)) return result("bad dtype or path");
   if (spatial <= 0 || period <= 0 || size % spatial) return result("bad spatial or period");
   if (bad_activation(activation)) return result("bad activation");
-  const RowNorm p{.x = x, .gamma = gamma, .beta = beta, .tau = tau, .y = y, .count = count, .size = size,
-                  .spatial = spatial, .period = period, .epsilon = epsilon, .centered = centered != 0,
-                  .activation = Activation(activation)};
+  const RowNorm p{.x = x, .skip = skip, .add = add, .gamma = gamma, .beta = beta, .tau = tau, .y = y, .sum = sum,
+                  .count = count, .size = size, .spatial = spatial, .period = period, .epsilon = epsilon,
+                  .centered = centered != 0, .activation = Activation(activation)};
   return result(row_norm(p, Dtype(dtype), stream, Path(path)));
 }
 
@@ -55,6 +58,9 @@ __attribute__((visibility("default"))) const char* nf_weight_norm(const void* v,
   if (bad(dtype, 0)) return result("bad dtype");
   return result(weight_norm(v, g, w, outer, d, inner, Dtype(dtype), stream));
 }
+
+/// k / d as the kernels compute it (FastDiv, run on the host): for the tests.
+__attribute__((visibility("default"))) uint32_t nf_fast_div(uint32_t k, uint32_t d) { return FastDiv(d)(k); }
 
 /// Which kernel `automatic` takes on the current device: 1 on-chip, 2 two-pass.
 __attribute__((visibility("default"))) int nf_row_path(int64_t size, int dtype) {

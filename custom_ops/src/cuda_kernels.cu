@@ -23,6 +23,7 @@
 #include <algorithm>
 
 #include "cuda_kernels.h"
+#include "fast_div.h"
 
 namespace normfold::cuda {
 namespace {
@@ -110,27 +111,6 @@ struct Source {
     float v[1];
     read(k, v);
     return v[0];
-  }
-};
-
-// ---- channels: k / spatial without a division
-
-/// k / d for 0 <= k < 2^31 by a multiply-high and a shift (Granlund-Montgomery): mul = ceil(2^p / d),
-/// p = 31 + ceil(log2 d); the error k (mul - 2^p / d) / 2^p < 2^-ceil(log2 d) <= 1/d never reaches the next
-/// integer. Built on the host, used on both (the harness tests it on the host).
-struct FastDiv {
-  uint32_t d = 1, mul = 0, shift = 0;  // d = 1: mul unused
-
-  FastDiv() = default;
-  __host__ __device__ explicit FastDiv(uint32_t divisor) : d(divisor) {
-    if (d <= 1) return;
-    uint32_t log2 = 0;
-    while ((uint64_t(1) << log2) < d) ++log2;
-    mul = uint32_t(((uint64_t(1) << (31 + log2)) + d - 1) / d);
-    shift = log2 - 1;
-  }
-  __host__ __device__ __forceinline__ uint32_t operator()(uint32_t k) const {
-    return d == 1 ? k : uint32_t((uint64_t(k) * mul) >> 32) >> shift;
   }
 };
 
