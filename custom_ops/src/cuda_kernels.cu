@@ -250,6 +250,11 @@ struct Copy {
   __device__ __forceinline__ void apply(float (&)[N], uint32_t) const {}
 };
 
+/// y[0, n) = src[0, n) (the Skip...Sum ops' sum output, from the staged row); not inlined, so the sum's
+/// registers do not crowd the normalizing code.
+template <class T>
+__device__ __noinline__ void copy_row(T* y, const T* src, uint32_t n);
+
 /// Writes y[0, n) = f(src[0, n)); src reads the input row (global or shared memory).
 template <class T, class F>
 __device__ void write_row(T* y, const Source<T>& src, uint32_t n, const F& f) {
@@ -271,6 +276,9 @@ __device__ void write_row(T* y, const Source<T>& src, uint32_t n, const F& f) {
   }
 }
 
+template <class T>
+__device__ __noinline__ void copy_row(T* y, const T* src, uint32_t n) { write_row(y, Source<T>{.x = src}, n, Copy{}); }
+
 // ---- rows: GroupNorm, FRN, last-axes LayerNorm / RMSNorm, WeightNorm(dim=0), and the fused adds
 
 template <class T>
@@ -289,6 +297,12 @@ struct RowArgs {
     const T* a = add ? add + size_t(blockIdx.x) * channels : nullptr;
     return {.hi = hi, .add = a, .add0 = a && centered ? to_f(a[0]) : 0.f, .spatial = spatial};
   }
+  /// Without the fused adds (kAdds false): the pointers known null, so that code is compiled out and the
+  /// plain norms keep their registers.
+  template <bool kAdds>
+  __device__ void keep_adds() {
+    if constexpr (!kAdds) skip = add = nullptr, sum = nullptr;
+  }
   __device__ Affine<T> affine(const Deviation<T>& dev, float lo, float rstd) const {
     return {.gamma = gamma, .beta = beta, .tau = tau, .first = (blockIdx.x % period) * channels, .dev = dev,
             .lo = lo, .rstd = rstd, .activation = activation};
@@ -297,11 +311,13 @@ struct RowArgs {
 
 /// One block per instance; the instance is staged in dynamic shared memory (size + 1 pack). With skip,
 /// the staged row becomes the sum, rounded to T (and is copied to `sum` when that is set).
-template <class T>
+template <class T, bool kAdds>
 __global__ void __launch_bounds__(1024) row_on_chip(RowArgs<T> p) {
+  p.template keep_adds<kAdds>();
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr uint32_t V = kVec<T>;
-  const T* x = p.x + p.row();
+  const size_t row = p.row();
+  const T* x = p.x + row;
   const uint32_t n = p.size;
   // buf[k] holds x[k] at the same offset within a 16-byte pack, so x's packs land on aligned slots.
   T* buf = reinterpret_cast<T*>(smem) + (reinterpret_cast<uintptr_t>(x) & 15) / sizeof(T);
@@ -312,7 +328,7 @@ __global__ void __launch_bounds__(1024) row_on_chip(RowArgs<T> p) {
   for (uint32_t u = threadIdx.x; u < sp.scalars; u += blockDim.x) buf[sp.scalar(u)] = x[sp.scalar(u)];
   __pipeline_wait_prior(0);
   if (p.skip) {  // each thread adds skip to the slots it copied
-    const Source<T> sum{.x = buf, .skip = p.skip + p.row()};
+    const Source<T> sum{.x = buf, .skip = p.skip + row};
     for (uint32_t u = threadIdx.x; u < sp.packs; u += blockDim.x) {
       float v[V];
       sum.read(sp.head + u * V, v);
@@ -321,7 +337,7 @@ __global__ void __launch_bounds__(1024) row_on_chip(RowArgs<T> p) {
     for (uint32_t u = threadIdx.x; u < sp.scalars; u += blockDim.x) buf[sp.scalar(u)] = from_f<T>(sum.at(sp.scalar(u)));
   }
   __syncthreads();
-  if (p.sum) write_row(p.sum + p.row(), Source<T>{.x = buf}, n, Copy{});
+  if (p.sum) copy_row(p.sum + row, buf, n);
 
   const Deviation<T> dev = p.deviation(p.centered ? to_f(buf[0]) : 0.f);
   float lo = 0.f, q = 0.f;
@@ -340,13 +356,14 @@ __global__ void __launch_bounds__(1024) row_on_chip(RowArgs<T> p) {
     }
   }
   const float rstd = rsqrtf(block_sum(q) * p.inv_n + p.epsilon);
-  write_row(p.y + p.row(), Source<T>{.x = buf}, n, p.affine(dev, lo, rstd));
+  write_row(p.y + row, Source<T>{.x = buf}, n, p.affine(dev, lo, rstd));
 }
 
 /// One block per instance: statistics pass (which also writes `sum` when set), then read/normalize/write
 /// pass, both over global memory.
-template <class T>
+template <class T, bool kAdds>
 __global__ void __launch_bounds__(512) row_two_pass(RowArgs<T> p) {
+  p.template keep_adds<kAdds>();
   constexpr uint32_t V = kVec<T>;
   const Source<T> src{.x = p.x + p.row(), .skip = p.skip ? p.skip + p.row() : nullptr};
   T* sum = p.sum ? p.sum + p.row() : nullptr;
@@ -554,12 +571,14 @@ std::string rows(const RowNorm& p, float inv_n, Dtype dtype, void* stream, Path 
                        .channels = uint32_t(p.size / p.spatial), .period = uint32_t(p.period),
                        .spatial = FastDiv(uint32_t(p.spatial)), .epsilon = p.epsilon, .inv_n = inv_n,
                        .centered = p.centered, .activation = p.activation};
+    const bool adds = p.skip || p.add || p.sum;
     if (on_chip) {
-      if (allow_smem(row_on_chip<T>, bytes) != cudaSuccess) return;  // reported by last_error
+      const auto kernel = adds ? row_on_chip<T, true> : row_on_chip<T, false>;
+      if (allow_smem(kernel, bytes) != cudaSuccess) return;  // reported by last_error
       // ~2 packs per thread: enough threads to keep the copies and the writes in flight
-      row_on_chip<T><<<unsigned(p.count), round_warp((packs + 1) / 2, 32, 1024), size_t(bytes), s>>>(a);
+      kernel<<<unsigned(p.count), round_warp((packs + 1) / 2, 32, 1024), size_t(bytes), s>>>(a);
     } else {
-      row_two_pass<T><<<unsigned(p.count), round_warp(packs, 32, 512), 0, s>>>(a);
+      (adds ? row_two_pass<T, true> : row_two_pass<T, false>)<<<unsigned(p.count), round_warp(packs, 32, 512), 0, s>>>(a);
     }
   });
 }
