@@ -654,6 +654,25 @@ def test_random_shapes(harness, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["on_chip", "two_pass"])
+def test_fused_silu_error_bound(harness, path):
+    """The fused SiLU, y / (1 + __expf(-y)), isolated: GroupNorm over one group of C channels with scale 0 gives
+    y = beta_c exactly, then SiLU. __expf is within 2 + floor(|1.173 y|) ulp (CUDA Programming Guide, intrinsic
+    functions), so SiLU is within (3 + 1.173 |y|) 2^-23 relative; asserted with (4 + 1.25 |y|) 2^-23."""
+    v = torch.cat([torch.linspace(-80, 80, 16001, dtype=torch.float64), torch.linspace(-10, 10, 20001, dtype=torch.float64)])
+    v = v.float().double()  # the float32 values the kernel sees
+    c = v.numel()
+    x = torch.randn(1, c, 1, device=DEVICE)
+    y = harness.group_norm(x, 1, torch.zeros(c, device=DEVICE), v.float().to(DEVICE), silu=True, path=path)
+    torch.cuda.synchronize()
+    want = v / (1 + torch.exp(-v))
+    rel = ((y.double().cpu().flatten() - want).abs() / want.abs().clamp_min(1e-300))
+    bound = (4 + 1.25 * v.abs()) * 2.0 ** -23
+    worst = int((rel - bound).argmax())
+    assert bool((rel <= bound).all()), f"SiLU({v[worst].item()}): relative error {rel[worst].item():.3g} > {bound[worst].item():.3g}"
+
+
+@pytest.mark.gpu
 def test_launch_is_asynchronous_on_the_callers_stream(harness):
     """The launcher returns while the stream is still busy (no implicit synchronisation, even on the
     > 48 KB shared-memory path) and its kernel runs on that stream, after the work queued before it."""
