@@ -474,8 +474,11 @@ GN_CASES = [((1, 8, 7, 13), 4), ((2, 64, 33, 31), 32), ((1, 32, 64, 64), 2), ((1
 @pytest.mark.parametrize("activation", ["none", "silu"])
 @pytest.mark.parametrize("dtype_name", list(TORCH_DTYPES))
 @pytest.mark.parametrize("shape,groups", GN_CASES, ids=[f"{'x'.join(map(str, s))}-g{g}" for s, g in GN_CASES])
-def test_group_norm_kernel(harness, shape, groups, dtype_name, activation, path):
-    check_case(harness, "group_norm", shape, dtype_name, path, offset=1000.0, spread=3.0, groups=groups, eps=1e-5,
+@pytest.mark.parametrize("op", ["group_norm", "bias_group_norm"])
+def test_group_norm_kernel(harness, op, shape, groups, dtype_name, activation, path):
+    """GroupNorm and BiasGroupNorm, GroupNorm(x + add[n, c]): one channel per group, no spatial axes, groups
+    too large for shared memory."""
+    check_case(harness, op, shape, dtype_name, path, offset=1000.0, spread=3.0, groups=groups, eps=1e-5,
                silu=activation == "silu")
 
 
@@ -533,18 +536,6 @@ def test_skip_norm_kernel(harness, shape, axis, dtype_name, op, bias, with_sum, 
     plus a unit skip."""
     check_case(harness, op, shape, dtype_name, path, offset=-300.0 if op == "skip_layer_norm" else 3.0, spread=2.0,
                axis=axis, eps=1e-5, bias=bias, with_sum=with_sum)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("path", KERNEL_PATHS)
-@pytest.mark.parametrize("activation", ["none", "silu"])
-@pytest.mark.parametrize("dtype_name", list(TORCH_DTYPES))
-@pytest.mark.parametrize("shape,groups", GN_CASES, ids=[f"{'x'.join(map(str, s))}-g{g}" for s, g in GN_CASES])
-def test_bias_group_norm_kernel(harness, shape, groups, dtype_name, activation, path):
-    """GroupNorm(x + add[n, c]) on the GroupNorm cases (one channel per group, no spatial axes, groups too
-    large for shared memory included)."""
-    check_case(harness, "bias_group_norm", shape, dtype_name, path, offset=1000.0, spread=3.0, groups=groups,
-               eps=1e-5, silu=activation == "silu")
 
 
 @pytest.mark.gpu
