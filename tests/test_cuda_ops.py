@@ -650,8 +650,8 @@ def test_fused_silu_error_bound(harness, path):
     """The fused SiLU, y / (1 + __expf(-y)), isolated: GroupNorm over one group of C channels with scale 0 gives
     y = beta_c exactly, then SiLU. __expf is within 2 + floor(|1.173 y|) ulp (CUDA Programming Guide, intrinsic
     functions), so SiLU is within (3 + 1.173 |y|) 2^-23 relative; asserted with (4 + 1.25 |y|) 2^-23."""
-    v = torch.cat([torch.linspace(-80, 80, 16001, dtype=torch.float64), torch.linspace(-10, 10, 20001, dtype=torch.float64)])
-    v = v.float().double()  # the float32 values the kernel sees
+    v = torch.cat([torch.linspace(-80, 80, 8001, dtype=torch.float64), torch.linspace(-10, 10, 10001, dtype=torch.float64)])
+    v = v.float().double()  # the float32 values the kernel sees; 72 KB, on chip on every GPU of sm_80 and later
     c = v.numel()
     x = torch.randn(1, c, 1, device=DEVICE)
     y = harness.group_norm(x, 1, torch.zeros(c, device=DEVICE), v.float().to(DEVICE), silu=True, path=path)
