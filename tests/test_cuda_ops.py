@@ -287,7 +287,8 @@ def test_fast_div_is_integer_division(host_harness):
                 *(int(v) for v in r.integers(1, big, 200))}
     divisors |= {(1 << e) + o for e in range(1, 31) for o in (-1, 0, 1)}
     for d in sorted(divisors):
-        ks = {0, 1, d - 1, d, d + 1, big - 1, big, big // d * d, big // d * d - 1, *(int(v) for v in r.integers(0, big, 50))}
+        ks = {0, 1, d - 1, d, d + 1, big - 1, big, big // d * d, big // d * d - 1,
+              *(int(v) for v in r.integers(0, big, 50))}
         for k in ks:
             if 0 <= k <= big:
                 assert host_harness.nf_fast_div(k, d) == k // d, (k, d)
@@ -607,8 +608,8 @@ def test_misaligned_views(harness, op, shape, attrs, dtype_name, path, x_off, y_
 def random_case(seed: int):
     """Shapes and attributes drawn like the CPU tests' hypothesis strategies (tests/test_custom_ops.py)."""
     r = np.random.default_rng(seed)
-    op = ["group_norm", "layer_norm", "channel_ln", "rms_norm", "frn", "weight_norm", "skip_layer_norm", "skip_rms_norm",
-          "bias_group_norm"][seed % 9]
+    op = ["group_norm", "layer_norm", "channel_ln", "rms_norm", "frn", "weight_norm", "skip_layer_norm",
+          "skip_rms_norm", "bias_group_norm"][seed % 9]
     spatial = [int(v) for v in r.integers(1, 10, r.integers(0, 4))]
     common = dict(dtype_name=str(r.choice(list(TORCH_DTYPES))), path=str(r.choice(KERNEL_PATHS)),
                   offset=float(r.choice([0.0, 1000.0])), x_off=int(r.integers(0, 3)), y_off=int(r.integers(0, 3)),
@@ -650,7 +651,8 @@ def test_fused_silu_error_bound(harness, path):
     """The fused SiLU, y / (1 + __expf(-y)), isolated: GroupNorm over one group of C channels with scale 0 gives
     y = beta_c exactly, then SiLU. __expf is within 2 + floor(|1.173 y|) ulp (CUDA Programming Guide, intrinsic
     functions), so SiLU is within (3 + 1.173 |y|) 2^-23 relative; asserted with (4 + 1.25 |y|) 2^-23."""
-    v = torch.cat([torch.linspace(-80, 80, 8001, dtype=torch.float64), torch.linspace(-10, 10, 10001, dtype=torch.float64)])
+    v = torch.cat([torch.linspace(-80, 80, 8001, dtype=torch.float64),
+                   torch.linspace(-10, 10, 10001, dtype=torch.float64)])
     v = v.float().double()  # the float32 values the kernel sees; 72 KB, on chip on every GPU of sm_80 and later
     c = v.numel()
     x = torch.randn(1, c, 1, device=DEVICE)
@@ -660,7 +662,8 @@ def test_fused_silu_error_bound(harness, path):
     rel = ((y.double().cpu().flatten() - want).abs() / want.abs().clamp_min(1e-300))
     bound = (4 + 1.25 * v.abs()) * 2.0 ** -23
     worst = int((rel - bound).argmax())
-    assert bool((rel <= bound).all()), f"SiLU({v[worst].item()}): relative error {rel[worst].item():.3g} > {bound[worst].item():.3g}"
+    assert bool((rel <= bound).all()), (f"SiLU({v[worst].item()}): relative error {rel[worst].item():.3g} > "
+                                        f"{bound[worst].item():.3g}")
 
 
 @pytest.mark.gpu
