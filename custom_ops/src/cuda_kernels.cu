@@ -578,7 +578,8 @@ std::string rows(const RowNorm& p, float inv_n, Dtype dtype, void* stream, Path 
       // ~2 packs per thread: enough threads to keep the copies and the writes in flight
       kernel<<<unsigned(p.count), round_warp((packs + 1) / 2, 32, 1024), size_t(bytes), s>>>(a);
     } else {
-      (adds ? row_two_pass<T, true> : row_two_pass<T, false>)<<<unsigned(p.count), round_warp(packs, 32, 512), 0, s>>>(a);
+      const auto kernel = adds ? row_two_pass<T, true> : row_two_pass<T, false>;
+      kernel<<<unsigned(p.count), round_warp(packs, 32, 512), 0, s>>>(a);
     }
   });
 }
