@@ -54,11 +54,11 @@ OPS: dict[str, OpKind] = {k.op: k for k in (
            {"epsilon": 1e-6, "use_tlu": 1}, neutral=(None, None, 0.0)),
     OpKind("WeightNorm", "wn", ("V", "g"), {"dim": 0}),
     # a per-(sample, channel) add fused into GroupNorm: X + add[N, C] (the time embedding of a diffusion
-    # ResNet block); CPU kernels only
+    # ResNet block)
     OpKind("BiasGroupNorm", "gn", ("X", "add", "scale", "bias"),
            {"num_groups": None, "epsilon": 1e-5, "activation": "none"}),
-    # a residual add fused into a last-axes norm (sum = X + skip), benchmarks/RESULTS_skip.md; CPU kernels
-    # only. The ...Sum ops also output the sum, for its other readers (one op each: a function body's
+    # a residual add fused into a last-axes norm (sum = X + skip), benchmarks/RESULTS_skip.md. The ...Sum ops
+    # also output the sum, for its other readers (one op each: a function body's
     # outputs are fixed, and a node must give them all for onnxruntime to inline it)
     OpKind("SkipLayerNorm", "ln", ("X", "skip", "scale", "bias"), {"axis": -1, "epsilon": 1e-5},
            neutral=(None, None, 0.0)),
