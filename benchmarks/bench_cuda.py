@@ -6,7 +6,9 @@ For each case, in one run on one GPU, fp32 and fp16, timed with CUDA events arou
   two-pass    the same kernel family forced to its two-pass path (for reference)
   copy        a device-to-device copy of the same bytes (dst.copy_(src): read X once, write Y once)
   torch       PyTorch's CUDA implementation of the same layer (native kernel where one exists)
-GB/s counts one read of X and one write of Y (parameters are negligible).
+GB/s counts the X-sized tensors read and written: X and Y, and for the fused adds also the residual
+(and the sum output); parameters and per-channel adds are negligible. % of copy scales the copy's time
+to the same bytes.
 
     NORMFOLD_HARNESS=1 bash custom_ops/build.sh   # once, where nvcc is; carry custom_ops/build/harness to the GPU
     python benchmarks/bench_cuda.py [--reps 50] [--out benchmarks/out/cuda_results.md]
@@ -235,7 +237,7 @@ def cases(h: Harness, dtype: torch.dtype):
     def rand(*shape, offset=0.0):
         return torch.randn(*shape, device=dev, dtype=torch.float32).add_(offset).to(dtype)
 
-    out = []
+    out = []  # (..., tensors moved) where a case moves more than X and Y
     x = rand(8, 320, 64, 64, offset=1.0)
     g, b = rand(320), rand(320)
     out.append(("GroupNorm (32 groups)", x, lambda p, o, x=x, g=g, b=b: h.group_norm(x, 32, g, b, out=o, path=p),
@@ -243,10 +245,20 @@ def cases(h: Harness, dtype: torch.dtype):
     out.append(("GroupNorm+SiLU (32 groups)", x, lambda p, o, x=x, g=g, b=b: h.group_norm(x, 32, g, b, silu=True, out=o, path=p),
                 {"F.silu(F.group_norm)": lambda x=x, g=g, b=b: F.silu(F.group_norm(x, 32, g, b))},
                 h.row_path(10 * 64 * 64, dtype)))
+    t = rand(8, 320)
+    out.append(("BiasGroupNorm+SiLU (time-embedding add)", x,
+                lambda p, o, x=x, g=g, b=b, t=t: h.group_norm(x, 32, g, b, silu=True, out=o, path=p, add=t),
+                {"F.silu(F.group_norm(x + t))": lambda x=x, g=g, b=b, t=t: F.silu(
+                    F.group_norm(x + t[:, :, None, None], 32, g, b))}, h.row_path(10 * 64 * 64, dtype)))
     x = rand(64, 1024, 1024)
     g, b = rand(1024), rand(1024)
     out.append(("LayerNorm (last axis 1024)", x, lambda p, o, x=x, g=g, b=b: h.layer_norm(x, g, b, out=o, path=p),
                 {"F.layer_norm": lambda x=x, g=g, b=b: F.layer_norm(x, (1024,), g, b)}, h.row_path(1024, dtype)))
+    skip, total = rand(64, 1024, 1024), torch.empty_like(x)
+    out.append(("SkipLayerNormSum (residual add, sum written)", x,
+                lambda p, o, x=x, g=g, b=b, s=skip, t=total: h.layer_norm(x, g, b, out=o, path=p, skip=s, sum_out=t),
+                {"x + skip, F.layer_norm": lambda x=x, g=g, b=b, s=skip: F.layer_norm(x + s, (1024,), g, b)},
+                h.row_path(1024, dtype), 4))
     x = rand(8, 256, 56, 56)
     g, b = rand(256), rand(256)
     out.append(("LayerNorm channel-first (C=256)", x, lambda p, o, x=x, g=g, b=b: h.layer_norm_channel_first(x, g, b, 1e-6, out=o, path=p),
@@ -258,6 +270,11 @@ def cases(h: Harness, dtype: torch.dtype):
     g = rand(4096)
     out.append(("RMSNorm (last axis 4096)", x, lambda p, o, x=x, g=g: h.rms_norm(x, g, epsilon=1e-6, out=o, path=p),
                 {"F.rms_norm": lambda x=x, g=g: F.rms_norm(x, (4096,), g, 1e-6)}, h.row_path(4096, dtype)))
+    skip = rand(16, 2048, 4096)
+    out.append(("SkipRMSNorm (residual add)", x,
+                lambda p, o, x=x, g=g, s=skip: h.rms_norm(x, g, epsilon=1e-6, out=o, path=p, skip=s),
+                {"F.rms_norm(x + skip)": lambda x=x, g=g, s=skip: F.rms_norm(x + s, (4096,), g, 1e-6)},
+                h.row_path(4096, dtype), 3))
     x = rand(8, 256, 56, 56)
     gamma, beta, tau = rand(256), rand(256), rand(256)
     out.append(("FilterResponseNorm+TLU", x,
@@ -306,8 +323,9 @@ def main(argv=None) -> int:
     rows = []
     for name in args.dtypes.split(","):
         dtype = dtypes[name]
-        for label, x, ours, torch_fns, auto_path in cases(h, dtype):
-            nbytes = 2 * x.numel() * x.element_size()
+        for label, x, ours, torch_fns, auto_path, *moved in cases(h, dtype):
+            tensors = moved[0] if moved else 2
+            nbytes = tensors * x.numel() * x.element_size()
             dst, out = torch.empty_like(x), torch.empty_like(x)
             copy_ms = cuda_time(lambda: dst.copy_(x), args.reps, args.warmup, flush)
             ms = cuda_time(lambda: ours("auto", out), args.reps, args.warmup, flush)
@@ -317,7 +335,8 @@ def main(argv=None) -> int:
             shape = "×".join(map(str, x.shape))
             for tname, fn in torch_fns.items():
                 t_ms = cuda_time(fn, args.reps, args.warmup, flush)
-                rows.append((label, shape, name, auto_path, nbytes, ms, two_ms, copy_ms, tname, t_ms, err))
+                rows.append((label, shape, name, auto_path, nbytes, ms, two_ms, copy_ms * tensors / 2, tname, t_ms,
+                             err))
             del dst, out
         torch.cuda.empty_cache()
 
@@ -326,8 +345,9 @@ def main(argv=None) -> int:
              f"Run {args.date} with `{cmd.strip()}`.", "", f"Machine: {machine_line()}.", "",
              "Kernels called directly through `libnormfold_cuda_harness.so` (same code as the op library). "
              f"Median of {args.reps} calls timed alone with CUDA events after {args.warmup} warm-up calls"
-             + ("" if args.no_flush else ", L2 flushed before each") + ". GB/s = (read X + write Y) / time; "
-             "copy = `dst.copy_(x)` of the same tensor in the same run. Path: the kernel the op picks "
+             + ("" if args.no_flush else ", L2 flushed before each") + ". GB/s = bytes of the X-sized tensors read and "
+             "written (X, Y; the fused adds also the residual and the sum) / time; copy = `dst.copy_(x)` of the same "
+             "tensor in the same run, scaled to those bytes. Path: the kernel the op picks "
              "(on-chip = one global read; two-pass = statistics read + normalize read).", "",
              "| layer | shape | dtype | path | normfold ms | GB/s | % of copy | two-pass ms | copy ms | PyTorch | PyTorch ms "
              "| speed-up vs PyTorch | max abs diff vs PyTorch |",
