@@ -83,17 +83,22 @@ const Acc<T>* acc_values(const T* x, int64_t n, std::vector<Acc<T>>& storage) {
   return as_acc(x, storage.data(), n);
 }
 
-/// Calls f(in, out, len, offset) on blocks of x[0, n) in arithmetic type; `out` is stored to y.
-template <class T, class F>
-void map_blocks(const T* x, T* y, int64_t n, F&& f) {
+/// Calls f(in, out, len, offset) on blocks of x[0, n) (of type T, or already in arithmetic type) in
+/// arithmetic type; `out` is stored to y.
+template <class In, class T, class F>
+void map_blocks(const In* x, T* y, int64_t n, F&& f) {
   using A = Acc<T>;
+  static_assert(std::is_same_v<In, T> || std::is_same_v<In, A>);
   alignas(64) A in_buf[kBlock], out_buf[kBlock];
   for (int64_t off = 0; off < n; off += kBlock) {
     const int64_t len = std::min(kBlock, n - off);
+    const A* in;
+    if constexpr (std::is_same_v<In, A>) in = x + off;
+    else in = as_acc(x + off, in_buf, len);
     if constexpr (std::is_same_v<T, A>) {
-      f(x + off, y + off, len, off);
+      f(in, y + off, len, off);
     } else {
-      f(as_acc(x + off, in_buf, len), out_buf, len, off);
+      f(in, out_buf, len, off);
       store(out_buf, y + off, len);
     }
   }

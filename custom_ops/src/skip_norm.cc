@@ -1,13 +1,17 @@
 // SkipLayerNorm(X, skip, scale, bias?) -> Y and SkipRMSNorm(X, skip, scale) -> Y: a residual
 // add fused into a last-axes LayerNorm / RMSNorm (the pre-norm and post-norm transformer block),
-//   sum = X + skip  (in T, as the Add it replaces),  Y = LayerNorm(sum) / RMSNorm(sum) over axes [axis, rank).
+//   sum = X + skip,  Y = LayerNorm(sum) / RMSNorm(sum) over axes [axis, rank);
+// the sum is added in float for fp16/bf16 and normalized unrounded (as onnxruntime runs the function
+// body), the sum output is rounded to T (as the Add it replaces).
 // skip has X's shape; scale/bias have prod(X.shape[axis:]) elements. SkipLayerNormSum / SkipRMSNormSum
 // (same inputs) also output the sum, for the graph's other readers of it. Attributes: axis = -1, epsilon (LayerNorm: 1e-5;
 // RMSNorm: required).
 //
-// The data is read once: each row's sum is made in a per-thread buffer (or straight into the sum
+// The data is read once: each row's sum is made in a per-thread buffer (or, fp32, straight into the sum
 // output) that the statistics and the write pass then read from cache. CUDA: the row kernels of
-// cuda_kernels.h with `skip` (and `sum`).
+// cuda_kernels.h with `skip` (and `sum`); they normalize the sum rounded to T (a CUDA fp16 Add
+// rounds, where onnxruntime's CPU provider adds fp16 in float), so for fp16/bf16 the CPU and CUDA kernels
+// differ by that one rounding.
 #include <cmath>
 
 #include "loops.h"
@@ -59,50 +63,56 @@ struct SkipRMSNormAttrs : SkipAttrs {
   explicit SkipRMSNormAttrs(const Attributes& a) : SkipAttrs(a, std::nullopt) {}
 };
 
-/// s = x + skip over [0, n), added in the arithmetic type and stored in T (as onnxruntime's Add).
+/// s = x + skip over [0, n) in the arithmetic type (for fp16/bf16 not rounded to T: onnxruntime's CPU
+/// provider has no fp16 Add, so the function body's Add runs in float with its Cast pair removed, and the
+/// norm reads the float sum); `rounded`, when set, gets the sum in T (the graph's other readers of the Add).
 template <class T>
-void add_rows(const T* x, const T* skip, T* s, int64_t n) {
+void add_rows(const T* x, const T* skip, Acc<T>* s, T* rounded, int64_t n) {
   using A = Acc<T>;
   if constexpr (std::is_same_v<T, A>) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) s[i] = x[i] + skip[i];
+    if (rounded && rounded != s) std::copy(s, s + n, rounded);
   } else {
-    alignas(64) A a[kBlock], b[kBlock];
+    alignas(64) A b[kBlock];
     for (int64_t off = 0; off < n; off += kBlock) {
       const int64_t len = std::min(kBlock, n - off);
-      load(x + off, a, len);
+      load(x + off, s + off, len);
       load(skip + off, b, len);
-      for (int64_t i = 0; i < len; ++i) a[i] += b[i];
-      store(a, s + off, len);
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) s[off + i] += b[i];
+      if (rounded) store(s + off, rounded + off, len);
     }
   }
 }
 
-/// rows x d: sum = x + skip (into `sums` when the node outputs it), then the row norm of the sum.
+/// rows x d: sum = x + skip (also into `sums` when the node outputs it), then the row norm of the sum.
 template <class T>
 void skip_norm(OrtKernelContext* ctx, const T* x, const T* skip, T* y, T* sums, int64_t rows, int64_t d,
                const Acc<T>* gamma, const Acc<T>* beta, double epsilon, bool centered) {
   using A = Acc<T>;
-  std::vector<T> whole;  // few rows of many elements are split across tasks (for_instances): keep their sums
-  if (!sums && rows < 16 && d >= 2 * kTaskElems) {
-    whole.resize(size_t(rows * d));
-    sums = whole.data();
+  A* whole = nullptr;  // every row's sum in A, when rows are split across tasks (for_instances) or it is an output
+  if constexpr (std::is_same_v<T, A>) whole = sums;
+  std::vector<A> storage;
+  if (!whole && rows < 16 && d >= 2 * kTaskElems) {
+    storage.resize(size_t(rows * d));
+    whole = storage.data();
   }
-  auto sum_of = [&](int64_t i, int64_t lo, int64_t n) -> T* {
-    if (sums) return sums + i * d + lo;
-    static thread_local std::vector<T> row;  // stats and write pass of a row run in one task, on one thread
+  auto sum_of = [&](int64_t i, int64_t lo, int64_t n) -> A* {
+    if (whole) return whole + i * d + lo;
+    static thread_local std::vector<A> row;  // stats and write pass of a row run in one task, on one thread
     if (row.size() < size_t(n)) row.resize(size_t(n));
     return row.data();
   };
   for_instances(
       ctx, rows, d,
       [&](int64_t i, int64_t lo, int64_t hi) {
-        T* s = sum_of(i, lo, hi - lo);
-        add_rows(x + i * d + lo, skip + i * d + lo, s, hi - lo);
+        A* s = sum_of(i, lo, hi - lo);
+        add_rows(x + i * d + lo, skip + i * d + lo, s, sums ? sums + i * d + lo : nullptr, hi - lo);
         return centered ? moments(s, hi - lo) : squares(s, hi - lo);
       },
       [&](int64_t i, int64_t lo, int64_t hi, const Moments& m) {
-        const T* s = sum_of(i, lo, hi - lo);
+        const A* s = sum_of(i, lo, hi - lo);
         const double rstd = 1.0 / std::sqrt((centered ? m.variance() : m.m2 / m.n) + epsilon);
         const SplitMean<A> mean(centered ? m.mean : 0.0);
         const A r = A(rstd), offset = A(-mean.lo * rstd);
