@@ -22,7 +22,7 @@ cannot export, or writes a model onnxruntime cannot run, are skipped and listed)
    Speed-up: median over rounds of before / after; noise: half the interquartile range of the
    per-round ratios.
 
-    python -m benchmarks.bench_zoo_isolated [--only bert,vae] [--configs dy18,ts17] [--rounds 7]
+    python -m benchmarks.bench_zoo_isolated [--only bert,vae] [--configs dy18,ts17] [--rounds 5]
         [--budget 0.2] [--threads 2] [--out benchmarks/RESULTS_zoo_isolated.md] [--json FILE]
 """
 
@@ -48,7 +48,7 @@ NORM_OPS = {"LayerNormalization", "GroupNormalization", "RMSNormalization", "Ins
             "SkipSimplifiedLayerNormalization"}
 REORDERS = {"ReorderInput", "ReorderOutput"}
 MIN_RUNS, MAX_RUNS = 5, 500
-PROFILE_RUNS = 10
+PROFILE_RUNS = 30
 
 
 # ------------------------------------------------------------------------ one timing process
@@ -91,21 +91,24 @@ def _time_in_process(model_path: Path, feeds_path: Path, threads: int, budget_s:
 # ------------------------------------------------------------------------ preparing a case
 
 def profile_shares(model, feeds: dict, replaced: set[str]) -> dict:
-    """Shares of kernel time (1 thread, ORT_ENABLE_ALL) in norms and in NCHWc reorders, the
-    reorder nodes per run and the norm milliseconds per run. `replaced`: names of nodes that
-    count as norm time whatever onnxruntime runs them as."""
+    """Shares of kernel time (1 thread, ORT_ENABLE_ALL) in norms and in NCHWc reorders (medians
+    over PROFILE_RUNS runs of the per-run shares: one slow kernel call does not decide), the
+    reorder nodes per run and the median norm milliseconds per run. `replaced`: names of nodes
+    that count as norm time whatever onnxruntime runs them as."""
     from benchmarks.bench_zoo import kernel_events
     from normfold.ops.table import OPS
 
     events = kernel_events(model, feeds, threads=1, runs=PROFILE_RUNS)
-    custom = set(OPS)
-    total = sum(e["dur"] for e in events) or 1.0
-    norm_us = sum(e["dur"] for e in events if e["args"]["op_name"] in NORM_OPS | custom
-                  or e["name"].removesuffix("_kernel_time") in replaced)
-    reorders = [e for e in events if e["args"]["op_name"] in REORDERS]
-    return {"norm_share": norm_us / total, "norm_ms": norm_us / 1e3 / PROFILE_RUNS,
-            "reorder_share": sum(e["dur"] for e in reorders) / total,
-            "reorders": len(reorders) // PROFILE_RUNS, "kernel_ms": total / 1e3 / PROFILE_RUNS}
+    per_run = len(events) // PROFILE_RUNS
+    norm_ops = NORM_OPS | set(OPS)
+    runs = [events[i * per_run:(i + 1) * per_run] for i in range(PROFILE_RUNS)]
+    total = np.array([sum(e["dur"] for e in run) for run in runs], dtype=float)
+    norms = np.array([sum(e["dur"] for e in run if e["args"]["op_name"] in norm_ops
+                          or e["name"].removesuffix("_kernel_time") in replaced) for run in runs], dtype=float)
+    reorders = np.array([sum(e["dur"] for e in run if e["args"]["op_name"] in REORDERS) for run in runs], dtype=float)
+    return {"norm_share": float(np.median(norms / total)), "norm_ms": float(np.median(norms)) / 1e3,
+            "reorder_share": float(np.median(reorders / total)),
+            "reorders": sum(e["args"]["op_name"] in REORDERS for e in runs[0]), "kernel_ms": float(np.median(total)) / 1e3}
 
 
 def prepare_case(arch_name: str, config_name: str, folder: Path) -> dict:
@@ -260,7 +263,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated architectures (default: all)")
     parser.add_argument("--configs", default="dy18,ts17")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=0.2, help="seconds of timed runs per process and setting")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS_zoo_isolated.md")
