@@ -248,7 +248,7 @@ def write_results(rows: list[dict], args, started, load_before: float, seconds: 
         "- norms: share of kernel time (profiler, 1 thread) in norm ops and in the input's nodes normfold "
         "replaced; Amdahl bound: 1 / (1 − norms before); reorders: share of kernel time in onnxruntime's NCHWc "
         "ReorderInput/ReorderOutput, with their count per run; speed check: what `optimize` measured in-process "
-        "for what it wrote (2 threads, wall, its own noise interval)", "",
+        "for what it wrote (onnxruntime's default threads, wall, its own noise interval)", "",
         *table(rows), "",
     ]
     skipped = [r for r in rows if "before" not in r]
