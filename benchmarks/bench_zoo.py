@@ -138,9 +138,10 @@ def run_case(name: str, exporter: str, module, args, runs: int, warmup: int, thr
     return row, model, optimized, feeds
 
 
-def op_profile(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 10) -> dict[str, float]:
-    """Mean milliseconds per run spent in each op type, from onnxruntime's profiler
-    (ORT_ENABLE_ALL, so the op types are those onnxruntime runs after its own fusions)."""
+def kernel_events(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 10) -> list[dict]:
+    """onnxruntime's profiler events of the kernels of `runs` runs (ORT_ENABLE_ALL, normfold's
+    library registered, `threads` intra-op threads): each has `name` (node name + "_kernel_time"),
+    `dur` (microseconds) and `args.op_name` (the op type onnxruntime ran, after its own fusions)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
@@ -153,10 +154,15 @@ def op_profile(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 10
         for _ in range(runs):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
+    return [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+
+
+def op_profile(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 10) -> dict[str, float]:
+    """Mean milliseconds per run spent in each op type, from onnxruntime's profiler
+    (ORT_ENABLE_ALL, so the op types are those onnxruntime runs after its own fusions)."""
     totals: Counter = Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            totals[e["args"]["op_name"]] += e["dur"] / 1e3 / runs
+    for e in kernel_events(model, feeds, threads, runs):
+        totals[e["args"]["op_name"]] += e["dur"] / 1e3 / runs
     return {op: round(ms, 3) for op, ms in totals.most_common()}
 
 
