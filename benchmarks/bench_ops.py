@@ -239,15 +239,21 @@ def time_model(path: Path, threads: int, rounds: int) -> dict:
     for name in spec["outputs"]:
         keep.append(np.empty(spec["shape"], np.float32))
         binding.bind_output(name, "cpu", 0, np.float32, spec["shape"], keep[-1].ctypes.data)
+    wall, cpu = timed_runs(s, binding, rounds)
+    return {"wall": wall, "cpu": cpu}
+
+
+def timed_runs(session, binding, rounds: int) -> tuple[float, float]:
+    """Median wall and calling-thread CPU ms of `rounds` runs of a bound session, after 3 warm-up runs."""
     for _ in range(3):
-        s.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
     wall, cpu = [], []
     for _ in range(rounds):
         w, c0 = time.perf_counter(), time.thread_time()
-        s.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         cpu.append(time.thread_time() - c0)
         wall.append(time.perf_counter() - w)
-    return {"wall": float(np.median(wall)) * 1e3, "cpu": float(np.median(cpu)) * 1e3}
+    return float(np.median(wall)) * 1e3, float(np.median(cpu)) * 1e3
 
 
 def spread(values) -> float:
@@ -282,7 +288,7 @@ def time_activation_case(name: str, threads: int, rounds: int) -> dict:
     rng = np.random.default_rng(0)
     c = ACTIVATION_SHAPE[1]
     values = {k: rng.standard_normal(c).astype(np.float32) for k in params}
-    m = model(custom(op, list(params), **attrs), ACTIVATION_SHAPE, values)
+    m = model([helper.make_node(op, ["X", *params], ["Y"], domain=DOMAIN, **attrs)], {"X": ACTIVATION_SHAPE}, values)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
@@ -293,15 +299,8 @@ def time_activation_case(name: str, threads: int, rounds: int) -> dict:
     binding = s.io_binding()
     binding.bind_cpu_input("X", x)
     binding.bind_output("Y", "cpu", 0, np.float32, list(x.shape), out.ctypes.data)
-    for _ in range(3):
-        s.run_with_iobinding(binding)
-    wall, cpu = [], []
-    for _ in range(rounds):
-        w, c0 = time.perf_counter(), time.thread_time()
-        s.run_with_iobinding(binding)
-        cpu.append(time.thread_time() - c0)
-        wall.append(time.perf_counter() - w)
-    return {"wall": float(np.median(wall)) * 1e3, "cpu": float(np.median(cpu)) * 1e3 if threads == 1 else None}
+    wall, cpu = timed_runs(s, binding, rounds)
+    return {"wall": wall, "cpu": cpu if threads == 1 else None}
 
 
 def activations(args) -> None:

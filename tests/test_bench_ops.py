@@ -57,3 +57,14 @@ def test_variants_of_a_row_agree_and_the_copy_moves_the_bytes_it_claims(row, rng
         np.testing.assert_array_equal(got, value)
     reads = len(big)
     assert row.megabytes == pytest.approx((reads + len(row.outputs)) * size * 4 / 1e6)
+
+
+@pytest.mark.parametrize("name", ["GroupNorm+SiLU", "FilterResponseNorm+TLU"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_activation_cases_time_in_one_session(name, threads):
+    """`--activations` builds and times each case: wall time always, CPU time with 1 thread only."""
+    from benchmarks.bench_ops import time_activation_case
+
+    got = time_activation_case(name, threads, rounds=1)
+    assert got["wall"] > 0
+    assert (got["cpu"] is None) == (threads != 1) and (got["cpu"] is None or got["cpu"] > 0)
