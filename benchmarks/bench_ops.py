@@ -48,8 +48,9 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from normfold.ops.library import register_ops
+from normfold.errors import NormfoldError
 from normfold.ops.table import DOMAIN
+from normfold.runtime.session import make_session
 
 F = TensorProto.FLOAT
 
@@ -220,15 +221,10 @@ def cases() -> list[Row]:
 def time_model(path: Path, threads: int, rounds: int) -> dict:
     """Median ms of `rounds` runs of the model at `path` in this process's only session: wall time, and with
     1 thread the calling thread's CPU time; {"error": ...} when onnxruntime refuses the model."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    register_ops(options, "cpu")
     try:
-        s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - e.g. an op this onnxruntime does not implement
-        return {"error": str(exc).splitlines()[0][:100]}
+        s = make_session(str(path), optimize=True, threads=threads)
+    except NormfoldError as exc:  # e.g. an op this onnxruntime does not implement
+        return {"error": str(exc.__cause__ or exc).strip().splitlines()[0][:100]}
     spec = json.loads(path.with_suffix(".json").read_text())
     rng = np.random.default_rng(1)
     binding, keep = s.io_binding(), []
@@ -289,11 +285,7 @@ def time_activation_case(name: str, threads: int, rounds: int) -> dict:
     c = ACTIVATION_SHAPE[1]
     values = {k: rng.standard_normal(c).astype(np.float32) for k in params}
     m = model([helper.make_node(op, ["X", *params], ["Y"], domain=DOMAIN, **attrs)], {"X": ACTIVATION_SHAPE}, values)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    register_ops(options, "cpu")
-    s = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    s = make_session(m, optimize=True, threads=threads)
     x = (rng.standard_normal(ACTIVATION_SHAPE) + 0.5).astype(np.float32)
     out = np.empty_like(x)
     binding = s.io_binding()

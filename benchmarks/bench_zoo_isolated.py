@@ -56,19 +56,12 @@ PROFILE_RUNS = 30
 def time_one(model_path: str, feeds_path: str, threads: int, budget_s: float) -> dict:
     """In this (fresh) process: median ms of the model's runs with 1 thread by the calling
     thread's CPU time (`cpu1`), then with `threads` threads by wall time (`wall`)."""
-    import onnxruntime as ort
-
-    from normfold.ops.library import register_ops
+    from normfold.runtime.session import make_session
 
     feeds = dict(np.load(feeds_path))
     found = {}
     for key, n in (("cpu1", 1), ("wall", threads)):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads, options.inter_op_num_threads = n, 1
-        options.log_severity_level = 3
-        register_ops(options, "cpu")
-        session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+        session = make_session(model_path, optimize=True, threads=n)  # sequential execution: no inter-op threads
         for _ in range(2):  # first-run allocations
             session.run(None, feeds)
         clock = time.thread_time if key == "cpu1" else time.perf_counter
