@@ -17,12 +17,12 @@ thread (it runs the kernel, so load from other processes does not count), and cu
 more with 2 threads, where it is wall time (as deployed). Ratios are of medians over processes; the noise is the
 sum of the two variants' interquartile ranges / medians over processes, times the ratio. The
 header of the report gives the machine, the load average before and after, and whether the kernels
-ran their AVX2 loops (NORMFOLD_NO_AVX2=1 forces the baseline x86-64 loops). The sections of the
+ran their AVX-512, AVX2 or baseline x86-64 loops (NORMFOLD_LOOPS=avx2|baseline caps them). The sections of the
 existing report from `## Fused activations` or `## Notes` on are kept.
 
 `--activations` measures instead what a fused activation costs: GroupNorm with and without SiLU and
 FilterResponseNorm with and without TLU at 8x128x64x64, each case in its own process, with the
-AVX2 and the baseline loops, 1 thread (CPU time) and 2 threads (wall time). It rewrites only the
+widest loops the CPU has and the baseline loops, 1 thread (CPU time) and 2 threads (wall time). It rewrites only the
 report's `## Fused activations` section.
 
     python -m benchmarks.bench_ops [--processes 3] [--rounds 40] [--only GroupNorm,RMS] [--out benchmarks/RESULTS_ops.md]
@@ -49,6 +49,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from normfold.errors import NormfoldError
+from normfold.ops.library import cpu_loops, ops_library_path
 from normfold.ops.table import DOMAIN
 from normfold.runtime.session import make_session
 
@@ -258,13 +259,11 @@ def spread(values) -> float:
 
 
 def machine() -> str:
-    """CPU model, core count and which loops the kernels run (AVX2 or baseline x86-64)."""
+    """CPU model, core count and which loops the kernels run (AVX-512, AVX2 or baseline x86-64)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                  platform.processor() or platform.machine())
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    avx2 = "avx2" in flags and "fma" in flags and os.environ.get("NORMFOLD_NO_AVX2", "0") in ("", "0")
-    return f"{model}, {os.cpu_count()} cores; kernels' loops: {'AVX2+FMA' if avx2 else 'baseline x86-64 (SSE2)'}"
+    return f"{model}, {os.cpu_count()} cores; kernels' loops: {cpu_loops(ops_library_path())}"
 
 
 ACTIVATION_SHAPE = (8, 128, 64, 64)
@@ -299,19 +298,20 @@ def activations(args) -> None:
     """Each ACTIVATION_CASES case in its own process, both loop variants, 1 and 2 threads; writes the section."""
     started, load_before = datetime.datetime.now(), os.getloadavg()
     names = list(ACTIVATION_CASES)
+    copies = list(dict.fromkeys([cpu_loops(ops_library_path()), "baseline"]))  # the widest the CPU has, and baseline
     results: dict = {}  # (loops, threads, name) -> per-process medians
     for p in range(args.processes):
-        for loops in ("AVX2+FMA", "baseline"):
+        for loops in copies:
             for threads in (1, 2):
                 for name in names[p % len(names):] + names[:p % len(names)]:  # rotate the order
-                    env = {**os.environ, "NORMFOLD_NO_AVX2": "1" if loops == "baseline" else "0"}
+                    env = {**os.environ, "NORMFOLD_LOOPS": loops}
                     cmd = [sys.executable, __file__, "--activation-case", name, "--threads", str(threads),
                            "--rounds", str(args.rounds)]
                     r = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
                     results.setdefault((loops, threads, name), []).append(r["cpu"] if threads == 1 else r["wall"])
         print(f"process round {p + 1}/{args.processes} done", file=sys.stderr, flush=True)
     rows = []
-    for loops in ("AVX2+FMA", "baseline"):
+    for loops in copies:
         for threads in (1, 2):
             for fused, plain in ACTIVATION_PAIRS:
                 a, b = np.array(results[(loops, threads, fused)]), np.array(results[(loops, threads, plain)])

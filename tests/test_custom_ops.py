@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from normfold.ops.library import ops_library_path
+from normfold.ops.library import cpu_loops, ops_library_path
 from normfold.ops.table import DOMAIN
 from normfold.runtime.session import make_session
 
@@ -358,15 +358,30 @@ def test_group_norm_silu_models_match_torch(shape, groups, dtype, rng):
         np.testing.assert_allclose(y, torch32.numpy(), rtol=1e-5, atol=1e-5)
 
 
-# ---- the AVX2 loops and the baseline x86-64 loops (NORMFOLD_NO_AVX2=1) give the same bits
+# ---- every copy of the hot loops (AVX-512, AVX2, baseline x86-64; NORMFOLD_LOOPS caps it) gives the same bits
+
+LOOP_COPIES = ["baseline", "avx2", "avx512"]  # narrowest first
+
+
+def in_subprocess(script: str, loops: str) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh Python with NORMFOLD_LOOPS=loops (the library picks its loops once per process)."""
+    return subprocess.run([sys.executable, "-c", script], env={**os.environ, "NORMFOLD_LOOPS": loops}, check=True,
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+
 
 def loop_outputs() -> list[np.ndarray]:
-    """One run of every CPU loop (odd sizes: vector tails), large means included."""
+    """One run of every CPU loop (odd sizes: vector tails), large means included; `long` has groups of
+    several statistics blocks (kBlock = 1024) and a partial last one."""
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((2, 24, 13, 11)) * 3 + 100).astype(np.float32)
+    long = (rng.standard_normal((1, 4, 50, 61)) * 2 - 30).astype(np.float32)
     c, d = rng.standard_normal(24).astype(np.float32), rng.standard_normal(11).astype(np.float32)
     v = rng.standard_normal((24, 5, 3, 3)).astype(np.float32)
     return [run("GroupNorm", dict(X=x, scale=c, bias=c), dict(num_groups=4, activation=act)) for act in ("none", "silu")] + [
+        run("GroupNorm", dict(X=long, scale=c[:4], bias=c[:4]), dict(num_groups=2)),
+        run("GroupNorm", dict(X=long.astype(np.float16), scale=c[:4].astype(np.float16), bias=c[:4].astype(np.float16)),
+            dict(num_groups=2, activation="silu"), dtype=np.float16),
+        run("FilterResponseNorm", dict(X=x, gamma=c, beta=c, tau=c), dict(use_tlu=1)),
         run("LayerNorm", dict(X=x, scale=c, bias=c), dict(channel_first=1)),
         run("LayerNorm", dict(X=x, scale=d, bias=d), dict(axis=-1)),
         run("RMSNorm", dict(X=x, scale=d), dict(epsilon=1e-6)),
@@ -379,14 +394,30 @@ def loop_outputs() -> list[np.ndarray]:
     ]
 
 
-def test_avx2_and_baseline_loops_agree_bitwise(tmp_path):
-    out = tmp_path / "baseline.npz"
-    script = f"import numpy as np; from tests.test_custom_ops import loop_outputs; np.savez({str(out)!r}, *loop_outputs())"
-    subprocess.run([sys.executable, "-c", script], env={**os.environ, "NORMFOLD_NO_AVX2": "1"}, check=True,
-                   cwd=Path(__file__).resolve().parents[1])
-    baseline = np.load(out)
-    for i, y in enumerate(loop_outputs()):
-        assert baseline[f"arr_{i}"].tobytes() == y.tobytes(), f"output {i} differs between the AVX2 and the baseline loops"
+def test_every_loop_copy_this_cpu_has_gives_the_same_bits(tmp_path):
+    widest = cpu_loops(ops_library_path())
+    copies = LOOP_COPIES[: LOOP_COPIES.index(widest) + 1]
+    if len(copies) < 2:
+        pytest.skip("this CPU runs the baseline loops only: nothing to compare them with")
+    outputs = {}
+    for loops in copies:
+        out = tmp_path / f"{loops}.npz"
+        in_subprocess(f"import numpy as np; from tests.test_custom_ops import loop_outputs; "
+                      f"np.savez({str(out)!r}, *loop_outputs())", loops)
+        outputs[loops] = np.load(out)
+    for loops in copies[:-1]:
+        for key in outputs[widest].files:
+            assert outputs[loops][key].tobytes() == outputs[widest][key].tobytes(), \
+                f"output {key} differs between the {loops} and the {widest} loops"
+
+
+@pytest.mark.parametrize("cap", LOOP_COPIES)
+def test_normfold_loops_caps_the_copy_the_kernels_run(cap):
+    widest = cpu_loops(ops_library_path())
+    expected = LOOP_COPIES[min(LOOP_COPIES.index(cap), LOOP_COPIES.index(widest))]
+    script = ("from normfold.ops.library import cpu_loops, ops_library_path; "
+              "print(cpu_loops(ops_library_path()))")
+    assert in_subprocess(script, cap).stdout.strip() == expected
 
 
 # ---- shapes only known at run time, empty tensors

@@ -1,6 +1,6 @@
-// The hot loops of loops.h (namespace simd) compiled for baseline x86-64 and, on x86-64,
-// once more with AVX2 + FMA; loops<A>() picks the AVX2 copy once, when the CPU has it.
-// The library itself stays portable: only these functions use AVX2 instructions.
+// The hot loops of loops.h (namespace simd) compiled for baseline x86-64 and, on x86-64, once
+// more for AVX2 + FMA and once for AVX-512; loops<A>() picks, once, the widest copy the CPU has.
+// The library itself stays portable: only these functions use AVX2 / AVX-512 instructions.
 #include <cstdlib>
 #include <string>
 
@@ -19,46 +19,68 @@ constexpr Loops<A> kBaseline{.moments = simd::moments<A>,
                              .normalize = simd::normalize<A>};
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define AVX2 __attribute__((target("avx2,fma")))
-// Each wrapper inlines the simd:: template, which is then vectorised for AVX2.
-template <class A>
-struct Avx2 {
-  AVX2 static Moments moments(const A* x, int64_t n) { return simd::moments(x, n); }
-  AVX2 static double sum_squares(const A* x, int64_t n) { return simd::sum_squares(x, n); }
-  AVX2 static void affine(const A* in, A* out, int64_t n, A shift, A a, A b, Activation act, A tau) {
-    simd::affine(in, out, n, shift, a, b, act, tau);
-  }
-  AVX2 static void scale_shift(const A* in, A* out, int64_t n, A shift, A r, A offset, const A* g, const A* b) {
-    simd::scale_shift(in, out, n, shift, r, offset, g, b);
-  }
-  AVX2 static void add(A* sum, const A* row, int64_t n) { simd::add(sum, row, n); }
-  AVX2 static void add_centred(A* dsum, A* sq, const A* row, const A* shift, int64_t n) {
-    simd::add_centred(dsum, sq, row, shift, n);
-  }
-  AVX2 static void normalize(const A* in, A* out, int64_t n, const A* shift, const A* rstd, const A* offset, A g, A b) {
-    simd::normalize(in, out, n, shift, rstd, offset, g, b);
-  }
-  static constexpr Loops<A> table{.moments = moments,
-                                  .sum_squares = sum_squares,
-                                  .affine = affine,
-                                  .scale_shift = scale_shift,
-                                  .add = add,
-                                  .add_centred = add_centred,
-                                  .normalize = normalize};
-};
+// One wrapper struct per instruction set: each function inlines the simd:: template, which is then
+// vectorised for that target. With -ffp-contract=off and sums in fixed lanes the copies give the same bits.
+#define NORMFOLD_ISA_LOOPS(Name, TARGET)                                                                    \
+  template <class A>                                                                                        \
+  struct Name {                                                                                             \
+    TARGET static Moments moments(const A* x, int64_t n) { return simd::moments(x, n); }                    \
+    TARGET static double sum_squares(const A* x, int64_t n) { return simd::sum_squares(x, n); }             \
+    TARGET static void affine(const A* in, A* out, int64_t n, A shift, A a, A b, Activation act, A tau) {   \
+      simd::affine(in, out, n, shift, a, b, act, tau);                                                      \
+    }                                                                                                       \
+    TARGET static void scale_shift(const A* in, A* out, int64_t n, A shift, A r, A offset, const A* g,      \
+                                   const A* b) {                                                            \
+      simd::scale_shift(in, out, n, shift, r, offset, g, b);                                                \
+    }                                                                                                       \
+    TARGET static void add(A* sum, const A* row, int64_t n) { simd::add(sum, row, n); }                     \
+    TARGET static void add_centred(A* dsum, A* sq, const A* row, const A* shift, int64_t n) {               \
+      simd::add_centred(dsum, sq, row, shift, n);                                                           \
+    }                                                                                                       \
+    TARGET static void normalize(const A* in, A* out, int64_t n, const A* shift, const A* rstd,             \
+                                 const A* offset, A g, A b) {                                               \
+      simd::normalize(in, out, n, shift, rstd, offset, g, b);                                               \
+    }                                                                                                       \
+    static constexpr Loops<A> table{.moments = moments,                                                     \
+                                    .sum_squares = sum_squares,                                             \
+                                    .affine = affine,                                                       \
+                                    .scale_shift = scale_shift,                                             \
+                                    .add = add,                                                             \
+                                    .add_centred = add_centred,                                             \
+                                    .normalize = normalize};                                                \
+  };
+NORMFOLD_ISA_LOOPS(Avx2, __attribute__((target("avx2,fma"))))
+NORMFOLD_ISA_LOOPS(Avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512"))))
 
-bool has_avx2() {
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+/// The widest instruction set the CPU has, capped by NORMFOLD_LOOPS=baseline|avx2 (to compare, or to rule one out).
+Isa chosen_isa() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  Isa isa = Isa::kBaseline;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = Isa::kAvx2;
+  if (isa == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    isa = Isa::kAvx512;
+  const char* cap = std::getenv("NORMFOLD_LOOPS");
+  const std::string want = cap ? cap : "";
+  if (want == "baseline") return Isa::kBaseline;
+  if (want == "avx2") return std::min(isa, Isa::kAvx2);
+  return isa;
 }
+#else
+enum class Isa { kBaseline };
+Isa chosen_isa() { return Isa::kBaseline; }
 #endif
 
 template <class A>
 const Loops<A>& pick() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  const char* off = std::getenv("NORMFOLD_NO_AVX2");  // set (not "0"): baseline loops, to compare or to rule AVX2 out
-  static const bool avx2 = has_avx2() && !(off && *off && std::string(off) != "0");
-  if (avx2) return Avx2<A>::table;
+  switch (chosen_isa()) {
+    case Isa::kAvx512: return Avx512<A>::table;
+    case Isa::kAvx2: return Avx2<A>::table;
+    case Isa::kBaseline: break;
+  }
 #endif
   return kBaseline<A>;
 }
@@ -74,3 +96,18 @@ template const Loops<float>& loops();
 template const Loops<double>& loops();
 
 }  // namespace normfold
+
+/// The loops this process runs ("avx512", "avx2" or "baseline"), for `normfold doctor` and the benchmarks.
+extern "C" __attribute__((visibility("default"))) const char* NormfoldCpuLoops() {
+  static const char* name = [] {
+    switch (normfold::chosen_isa()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+      case normfold::Isa::kAvx512: return "avx512";
+      case normfold::Isa::kAvx2: return "avx2";
+#endif
+      case normfold::Isa::kBaseline: break;
+    }
+    return "baseline";
+  }();
+  return name;
+}

@@ -12,8 +12,8 @@
 namespace normfold {
 
 // Every kernel spends its time in these loops. They are written once (namespace simd) and
-// compiled twice by cpu_loops.cc: for baseline x86-64 (SSE2) and with AVX2 (+FMA); `loops<A>()`
-// gives the variant this CPU runs. Sums run in kLanes independent lanes added in a fixed order,
+// compiled three times by cpu_loops.cc: for baseline x86-64 (SSE2), with AVX2 (+FMA) and with
+// AVX-512; `loops<A>()` gives the variant this CPU runs. Sums run in kLanes independent lanes added in a fixed order,
 // so they vectorise without -ffast-math and give the same result on every CPU.
 
 template <class A>
@@ -39,7 +39,7 @@ namespace simd {
 #define NORMFOLD_LOOP inline __attribute__((always_inline))  // inlined into each ISA's copy
 
 template <class A>
-constexpr int64_t kLanes = 64 / sizeof(A);  // one cache line: 2 AVX / 4 SSE registers per sum
+constexpr int64_t kLanes = 64 / sizeof(A);  // one cache line: 1 AVX-512 / 2 AVX / 4 SSE registers per sum
 
 /// Σ acc[0, kLanes), pairwise in a fixed order.
 template <class A>
@@ -65,35 +65,62 @@ NORMFOLD_LOOP A sum(const A* x, int64_t n, F f) {
   return total(acc) + tail;
 }
 
-/// Mean and squared deviations of x[0, n ≤ kBlock): corrected two-pass over a block in L1,
-/// so a large mean (x + 1000) does not cancel the variance away.
+/// Σd and Σd² over x[0, n) with d = x - shift, in lanes; with `next` (n elements, the next block) also
+/// Σnext, in the lanes and order of sum(): its first pass, fused so that its reads from memory overlap
+/// this block's second pass over L1.
 template <class A>
-NORMFOLD_LOOP Moments block_moments(const A* x, int64_t n) {
-  const A shift = sum(x, n, [](A v) { return v; }) / A(n);
+struct CentredSums {
+  A ds, q, next;
+};
+template <class A>
+NORMFOLD_LOOP CentredSums<A> centred_sums(const A* x, int64_t n, A shift, const A* next) {
   constexpr int64_t L = kLanes<A>;
-  A ds[L] = {}, q[L] = {};
+  A ds[L] = {}, q[L] = {}, acc[L] = {};
   int64_t i = 0;
-  for (; i + L <= n; i += L)
+  if (next) {
+    for (; i + L <= n; i += L)
 #pragma omp simd
-    for (int64_t j = 0; j < L; ++j) {
-      const A d = x[i + j] - shift;
-      ds[j] += d;
-      q[j] += d * d;
-    }
-  A ds_tail = 0, q_tail = 0;
+      for (int64_t j = 0; j < L; ++j) {
+        const A d = x[i + j] - shift;
+        ds[j] += d;
+        q[j] += d * d;
+        acc[j] += next[i + j];
+      }
+  } else {
+    for (; i + L <= n; i += L)
+#pragma omp simd
+      for (int64_t j = 0; j < L; ++j) {
+        const A d = x[i + j] - shift;
+        ds[j] += d;
+        q[j] += d * d;
+      }
+  }
+  A ds_tail = 0, q_tail = 0, next_tail = 0;
   for (; i < n; ++i) {
     const A d = x[i] - shift;
     ds_tail += d;
     q_tail += d * d;
+    if (next) next_tail += next[i];
   }
-  const double s = double(total(ds) + ds_tail), sq = double(total(q) + q_tail);
-  return {double(n), double(shift) + s / n, sq - s * s / n};
+  return {total(ds) + ds_tail, total(q) + q_tail, next ? total(acc) + next_tail : A(0)};
 }
 
+/// Mean and squared deviations of x[0, n): corrected two-pass over each block of kBlock (in L1), so a
+/// large mean (x + 1000) does not cancel the variance away; block results merged with Chan's formula.
 template <class A>
 NORMFOLD_LOOP Moments moments(const A* x, int64_t n) {
+  auto identity = [](A v) { return v; };
   Moments m;
-  for (int64_t off = 0; off < n; off += kBlock) m.merge(block_moments(x + off, std::min(kBlock, n - off)));
+  A s = sum(x, std::min(kBlock, n), identity);  // first pass of the first block
+  for (int64_t off = 0; off < n; off += kBlock) {
+    const int64_t len = std::min(kBlock, n - off), next_len = std::clamp<int64_t>(n - off - kBlock, 0, kBlock);
+    const A* next = x + off + kBlock;
+    const A shift = s / A(len);
+    const CentredSums<A> c = centred_sums(x + off, len, shift, next_len == len ? next : nullptr);
+    s = next_len == len ? c.next : next_len > 0 ? sum(next, next_len, identity) : A(0);
+    const double ds = double(c.ds), q = double(c.q);
+    m.merge({double(len), double(shift) + ds / len, q - ds * ds / len});
+  }
   return m;
 }
 

@@ -286,7 +286,8 @@ def format_doctor(report: dict) -> str:
              f"installed:      {install['kind']}" + (f" ({install['source']})" if install["source"] else ""),
              f"ORT API:        {_api_line(report['onnxruntime_api'], report['versions']['onnxruntime'])}"]
     if cpu["works"]:
-        lines.append(f"CPU kernels:    ok ({cpu['library']})")
+        loops = f"{cpu['loops']} loops, " if cpu["loops"] else ""
+        lines.append(f"CPU kernels:    ok ({loops}{cpu['library']})")
     else:
         lines.append(f"CPU kernels:    NOT AVAILABLE: {cpu['error']}")
     if cuda["library"] is None:

@@ -78,6 +78,17 @@ def built_api_version(library: str) -> int | None:
         return None
 
 
+def cpu_loops(library: str) -> str | None:
+    """Which copy of the hot loops `library`'s kernels run in this process: "avx512", "avx2" or
+    "baseline" (NORMFOLD_LOOPS=avx2|baseline caps it), or None when it cannot be loaded or does not say."""
+    try:
+        function = ctypes.CDLL(library).NormfoldCpuLoops
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_char_p
+    return function().decode()
+
+
 def runtime_api_version() -> int:
     """The newest onnxruntime API version the running onnxruntime serves (its minor version:
     onnxruntime 1.N serves API versions 1..N)."""

@@ -23,8 +23,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from normfold import __version__
-from normfold.ops.library import (built_api_version, cuda_not_built_reason, cuda_ops_library_path, ops_dirs,
-                                  ops_library_path, runtime_api_version)
+from normfold.ops.library import (built_api_version, cpu_loops, cuda_not_built_reason, cuda_ops_library_path,
+                                  ops_dirs, ops_library_path, runtime_api_version)
 from normfold.ops.table import DOMAIN
 
 
@@ -163,7 +163,8 @@ def doctor() -> dict:
         "install": install,
         "domain": DOMAIN,
         "onnxruntime_api": _api(cpu_path or cuda_path),
-        "cpu_ops": {"library": cpu_path, **_check_kernels(cpu_path, "CPUExecutionProvider")},
+        "cpu_ops": {"library": cpu_path, "loops": None if cpu_path is None else cpu_loops(cpu_path),
+                    **_check_kernels(cpu_path, "CPUExecutionProvider")},
         "cuda_ops": {"library": cuda_path, "not_built": cuda_not_built_reason(),
                      "loads": _check_kernels(cuda_path, "CPUExecutionProvider")["works"],
                      "runs_on_gpu": None if cuda_kernels is None else cuda_kernels["works"],
