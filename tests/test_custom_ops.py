@@ -420,6 +420,45 @@ def test_normfold_loops_caps_the_copy_the_kernels_run(cap):
     assert in_subprocess(script, cap).stdout.strip() == expected
 
 
+# ---- buffers at any alignment: the write loops start with the elements before a 64-byte boundary
+
+def run_at_offset(op: str, inputs: dict, attrs: dict, shift: int) -> np.ndarray:
+    """Y of one_node(op, ...) with X and Y bound (IOBinding) `shift` floats past a 64-byte boundary."""
+    session = make_session(one_node(op, inputs, attrs), threads=1)
+    binding = session.io_binding()
+    keep = []
+    for name, value in inputs.items():
+        buffer = np.zeros(value.size + 32, np.float32)
+        start = (-buffer.ctypes.data % 64) // 4 + shift
+        placed = buffer[start:start + value.size].reshape(value.shape)
+        placed[...] = value
+        keep.append(placed)
+        binding.bind_cpu_input(name, placed)
+    out = np.zeros(inputs["X"].size + 32, np.float32)
+    start = (-out.ctypes.data % 64) // 4 + shift
+    y = out[start:start + inputs["X"].size].reshape(inputs["X"].shape)
+    binding.bind_output("Y", "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
+    session.run_with_iobinding(binding)
+    assert not out[:start].any() and not out[start + y.size:].any(), "wrote outside Y"
+    return y.copy()
+
+
+@pytest.mark.parametrize("shift", [1, 3, 4, 13])
+def test_outputs_do_not_depend_on_the_alignment_of_the_buffers(shift):
+    rng = np.random.default_rng(shift)
+    x = (rng.standard_normal((2, 8, 9, 31)) * 2 + 5).astype(np.float32)
+    c, d = rng.standard_normal(8).astype(np.float32), rng.standard_normal(31).astype(np.float32)
+    cases = [("GroupNorm", dict(X=x, scale=c, bias=c), dict(num_groups=4, activation="silu")),
+             ("LayerNorm", dict(X=x, scale=c, bias=c), dict(channel_first=1)),
+             ("LayerNorm", dict(X=x, scale=d, bias=d), dict(axis=-1)),
+             ("RMSNorm", dict(X=x, scale=d), {}),
+             ("FilterResponseNorm", dict(X=x, gamma=c, beta=c, tau=c), dict(use_tlu=1))]
+    for op, inputs, attrs in cases:
+        aligned = run_at_offset(op, inputs, attrs, 0)
+        assert aligned.tobytes() == run_at_offset(op, inputs, attrs, shift).tobytes(), f"{op} {attrs}"
+        assert np.isfinite(aligned).all()
+
+
 # ---- shapes only known at run time, empty tensors
 
 def test_dynamic_shapes_and_output_type(rng):
