@@ -194,6 +194,21 @@ def test_layer_norm_channel_first_matches_torch(batch, channels, spatial, offset
     assert_close(y, ref_layer_norm(x, scale, bias, epsilon=epsilon, channel_first=1))
 
 
+@settings(max_examples=30)
+@given(channels=st.integers(2, 40), width=st.integers(1, 300), outlier=st.sampled_from([1e2, -1e4, 3e4]),
+       first_is_outlier=st.booleans(), spread=st.sampled_from([1e-3, 1.0]), seed=st.integers(0, 2**16))
+def test_layer_norm_channel_first_with_outlier_channels(channels, width, outlier, first_is_outlier, spread, seed):
+    """Channels far from the others (ConvNeXt's massive activations), channel 0 among them or not: the
+    statistics shift by channel 0's value, so its distance from the mean must not cost accuracy."""
+    rng = np.random.default_rng(seed)
+    offsets = np.zeros(channels)
+    offsets[0 if first_is_outlier else channels - 1] = outlier
+    x = (rng.standard_normal((2, channels, width)) * spread + offsets[None, :, None] + 7).astype(np.float32)
+    scale, bias = rng.standard_normal(channels).astype(np.float32), rng.standard_normal(channels).astype(np.float32)
+    y = run("LayerNorm", dict(X=x, scale=scale, bias=bias), dict(channel_first=1))
+    assert_close(y, ref_layer_norm(x, scale, bias, channel_first=1))
+
+
 @pytest.mark.parametrize("shape,attrs", [((2, 96, 56, 56), dict(channel_first=1)), ((1, 1000, 3, 7), dict(channel_first=1)),
                                          ((1, 8, 96, 96), dict(channel_first=1)),  # blocks of > 1024 positions
                                          ((4, 128, 3072), dict(axis=-1)), ((1, 4, 128, 512), dict(axis=1))])
@@ -272,6 +287,14 @@ def test_frn_large_fp16_and_without_tau(rng):
 def test_weight_norm_matches_torch(shape, data, seed):
     rng = np.random.default_rng(seed)
     dim = data.draw(st.integers(0, len(shape) - 1))
+    v = rng.standard_normal(shape).astype(np.float32)
+    g = rng.standard_normal([n if i == dim else 1 for i, n in enumerate(shape)]).astype(np.float32)
+    assert_close(run("WeightNorm", dict(V=v, g=g), dict(dim=dim)), ref_weight_norm(v, g, dim))
+
+
+@pytest.mark.parametrize("shape,dim", [((3, 100_003), 0),  # few long rows: each split across tasks
+                                       ((2048, 1024, 1, 1), 0), ((2, 5, 40_000), 1), ((64, 3, 3, 7), 3)])
+def test_weight_norm_large(shape, dim, rng):
     v = rng.standard_normal(shape).astype(np.float32)
     g = rng.standard_normal([n if i == dim else 1 for i, n in enumerate(shape)]).astype(np.float32)
     assert_close(run("WeightNorm", dict(V=v, g=g), dict(dim=dim)), ref_weight_norm(v, g, dim))

@@ -14,8 +14,7 @@ constexpr Loops<A> kBaseline{.moments = simd::moments<A>,
                              .sum_squares = simd::sum_squares<A>,
                              .affine = simd::affine<A>,
                              .scale_shift = simd::scale_shift<A>,
-                             .add = simd::add<A>,
-                             .add_centred = simd::add_centred<A>,
+                             .add_moments = simd::add_moments<A>,
                              .normalize = simd::normalize<A>};
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -33,9 +32,9 @@ constexpr Loops<A> kBaseline{.moments = simd::moments<A>,
                                    const A* b) {                                                            \
       simd::scale_shift(in, out, n, shift, r, offset, g, b);                                                \
     }                                                                                                       \
-    TARGET static void add(A* sum, const A* row, int64_t n) { simd::add(sum, row, n); }                     \
-    TARGET static void add_centred(A* dsum, A* sq, const A* row, const A* shift, int64_t n) {               \
-      simd::add_centred(dsum, sq, row, shift, n);                                                           \
+    TARGET static void add_moments(double* dsum, double* sq, const A* const* rows, int count, const A* shift, \
+                                   int64_t n) {                                                             \
+      simd::add_moments(dsum, sq, rows, count, shift, n);                                                   \
     }                                                                                                       \
     TARGET static void normalize(const A* in, A* out, int64_t n, const A* shift, const A* rstd,             \
                                  const A* offset, A g, A b) {                                               \
@@ -45,8 +44,7 @@ constexpr Loops<A> kBaseline{.moments = simd::moments<A>,
                                     .sum_squares = sum_squares,                                             \
                                     .affine = affine,                                                       \
                                     .scale_shift = scale_shift,                                             \
-                                    .add = add,                                                             \
-                                    .add_centred = add_centred,                                             \
+                                    .add_moments = add_moments,                                             \
                                     .normalize = normalize};                                                \
   };
 NORMFOLD_ISA_LOOPS(Avx2, __attribute__((target("avx2,fma"))))

@@ -24,12 +24,14 @@ struct Loops {
   void (*affine)(const A* in, A* out, int64_t n, A shift, A a, A b, Activation act, A tau);
   /// out[k] = ((in[k] - shift)·r + offset)·g[k] (+ b[k] unless b is null): last-axes LayerNorm, RMSNorm
   void (*scale_shift)(const A* in, A* out, int64_t n, A shift, A r, A offset, const A* g, const A* b);
-  // channel-first LayerNorm, per position k of a channel row:
-  void (*add)(A* sum, const A* row, int64_t n);                                    // sum += row
-  void (*add_centred)(A* dsum, A* sq, const A* row, const A* shift, int64_t n);   // Σd, Σd², d = row - shift
+  /// channel-first LayerNorm, per position i of `count` ≤ kRowsAtOnce channel rows: with d = rows[r][i] - shift[i]
+  /// in double, dsum[i] += Σ_r d and sq[i] += Σ_r d²
+  void (*add_moments)(double* dsum, double* sq, const A* const* rows, int count, const A* shift, int64_t n);
   /// out = ((in - shift)·rstd + offset)·g + b
   void (*normalize)(const A* in, A* out, int64_t n, const A* shift, const A* rstd, const A* offset, A g, A b);
 };
+constexpr int kRowsAtOnce = 4;  // channel rows add_moments takes in one pass over its accumulators
+
 template <class A>
 const Loops<A>& loops();  // instantiated for float and double in cpu_loops.cc
 extern template const Loops<float>& loops();
@@ -157,19 +159,32 @@ NORMFOLD_LOOP void scale_shift(const A* in, A* out, int64_t n, A shift, A r, A o
   else elementwise(out, n, [&](int64_t i) { return ((in[i] - shift) * r + offset) * g[i]; });
 }
 
-template <class A>
-NORMFOLD_LOOP void add(A* sum, const A* row, int64_t n) {
-  elementwise(sum, n, [&](int64_t i) { return sum[i] + row[i]; });
+template <int K, class A>
+NORMFOLD_LOOP void add_moments_of(double* dsum, double* sq, const A* const* rows, const A* shift, int64_t n) {
+  const A* r[K];
+  for (int k = 0; k < K; ++k) r[k] = rows[k];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const double at = double(shift[i]);
+    double s = 0, q = 0;
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      const double d = double(r[k][i]) - at;  // exact for float rows
+      s += d;
+      q += d * d;
+    }
+    dsum[i] += s;
+    sq[i] += q;
+  }
 }
 
 template <class A>
-NORMFOLD_LOOP void add_centred(A* dsum, A* sq, const A* row, const A* shift, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const A d = row[i] - shift[i];
-    dsum[i] += d;
-    sq[i] += d * d;
-  }
+NORMFOLD_LOOP void add_moments(double* dsum, double* sq, const A* const* rows, int count, const A* shift, int64_t n) {
+  static_assert(kRowsAtOnce == 4);
+  if (count == 4) add_moments_of<4>(dsum, sq, rows, shift, n);
+  else if (count == 3) add_moments_of<3>(dsum, sq, rows, shift, n);
+  else if (count == 2) add_moments_of<2>(dsum, sq, rows, shift, n);
+  else if (count == 1) add_moments_of<1>(dsum, sq, rows, shift, n);
 }
 
 template <class A>

@@ -43,16 +43,25 @@ struct WeightNorm : Kernel<WeightNormAttrs> {
       return status_of(cuda::weight_norm(v, g, w, outer, d, inner, cuda_dtype<T>(), cuda_stream(ctx)));
     }
 #endif
-    std::vector<double> factor(static_cast<size_t>(d));  // g_j / ||v_j||
+    auto factor_of = [&](int64_t j, const Moments& m) { return A(to_acc(g[j]) / std::sqrt(m.m2)); };
+    if (outer == 1) {  // dim = 0 (or leading 1s): each v_j is one contiguous row, normalized while it is in cache
+      for_instances(
+          ctx, d, inner, [&](int64_t j, int64_t lo, int64_t hi) { return squares(v + j * inner + lo, hi - lo); },
+          [&](int64_t j, int64_t lo, int64_t hi, const Moments& m) {
+            affine(v + j * inner + lo, w + j * inner + lo, hi - lo, A(0), factor_of(j, m), A(0));
+          });
+      return Ort::Status{nullptr};
+    }
+    std::vector<A> factor(static_cast<size_t>(d));  // g_j / ||v_j||
     parallel_for(ctx, d, [&](int64_t j) {
       Moments m;
       for (int64_t o = 0; o < outer; ++o) m.merge(squares(v + (o * d + j) * inner, inner));
-      factor[size_t(j)] = to_acc(g[j]) / std::sqrt(m.m2);
+      factor[size_t(j)] = factor_of(j, m);
     });
     const int64_t rows = outer * d, per_task = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(inner, 1));
     parallel_for(ctx, (rows + per_task - 1) / per_task, [&](int64_t t) {
       for (int64_t r = t * per_task; r < std::min(rows, (t + 1) * per_task); ++r)
-        affine(v + r * inner, w + r * inner, inner, A(0), A(factor[size_t(r % d)]), A(0));
+        affine(v + r * inner, w + r * inner, inner, A(0), factor[size_t(r % d)], A(0));
     });
     return Ort::Status{nullptr};
   }
