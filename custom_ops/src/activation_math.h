@@ -15,6 +15,13 @@
 
 namespace normfold {
 
+/// a·b + c: one rounding with kFma (an FMA instruction in the AVX2 / AVX-512 loops), else two.
+template <bool kFma>
+inline float mul_add(float a, float b, float c) {
+  if constexpr (kFma) return __builtin_fmaf(a, b, c);
+  else return a * b + c;
+}
+
 struct Identity {
   template <class A> A operator()(A v) const { return v; }
 };
@@ -28,6 +35,7 @@ struct ExpMinus {
   static constexpr float kMin = -87.33f;  // n ≥ -126: 2^n is a normal float
   static constexpr float kMax = 88.37f;   // n ≤ 127
 
+  template <bool kFma>
   static float of(float x) {
     constexpr float kMinusLog2e = -0x1.715476p+0f;
     constexpr float kMagic = 0x1.8p23f + 127.f;  // adding it rounds to an integer, held in the low bits as n + 127
@@ -35,27 +43,29 @@ struct ExpMinus {
     constexpr float kLn2Lo = 0x1.7f7d1cp-20f;    // ln2 - kLn2Hi
     constexpr float c1 = 0x1.fffff6p-1f, c2 = 0x1.fffdc6p-2f, c3 = 0x1.555a6ap-3f, c4 = 0x1.573a5cp-5f,
                     c5 = 0x1.0fa830p-7f;
-    const float biased = x * kMinusLog2e + kMagic;
+    const float biased = mul_add<kFma>(x, kMinusLog2e, kMagic);
     const float s = bits_to_float(float_to_bits(biased) << 23);  // 2^n
     const float n = biased - kMagic;
-    const float u = (x + n * kLn2Hi) + n * kLn2Lo;  // -t: exact first step (Sterbenz), then the small correction
+    // -t: an exact first step (n·kLn2Hi is exact, then Sterbenz), then the small correction
+    const float u = mul_add<kFma>(n, kLn2Lo, mul_add<kFma>(n, kLn2Hi, x));
     float p = c5;  // p(t) by Horner, each p·t + c written as c - p·u
-    p = c4 - p * u;
-    p = c3 - p * u;
-    p = c2 - p * u;
-    p = c1 - p * u;
-    return (1.f - u * p) * s;
+    p = mul_add<kFma>(-p, u, c4);
+    p = mul_add<kFma>(-p, u, c3);
+    p = mul_add<kFma>(-p, u, c2);
+    p = mul_add<kFma>(-p, u, c1);
+    return mul_add<kFma>(-u, p, 1.f) * s;
   }
 };
 
 /// x·sigmoid(x) = x / (1 + exp(-x)).
+template <bool kFma>
 struct Silu {
   static float silu(float v) {
     // x is clamped from above only (a compare, so NaN passes through): below -kMax the result is
     // replaced by -0 anyway, and clamping there would let the compiler compute x / (1 + exp(kMax))
     // for every lane, whose denormal results cost a microcode assist each (measured 14x slower).
     const float m = v > -ExpMinus::kMin ? -ExpMinus::kMin : v;
-    const float y = v / (1.f + ExpMinus::of(m));
+    const float y = v / (1.f + ExpMinus::of<kFma>(m));
     return v < -ExpMinus::kMax ? -0.f : y;
   }
   static double silu(double v) { return v < -std::numeric_limits<double>::max() ? -0.0 : v / (1.0 + std::exp(-v)); }

@@ -13,8 +13,8 @@ namespace normfold {
 
 // Every kernel spends its time in these loops. They are written once (namespace simd) and
 // compiled three times by cpu_loops.cc: for baseline x86-64 (SSE2), with AVX2 (+FMA) and with
-// AVX-512; `loops<A>()` gives the variant this CPU runs. Sums run in kLanes independent lanes added in a fixed order,
-// so they vectorise without -ffast-math and give the same result on every CPU.
+// AVX-512; `loops<A>()` gives the variant this CPU runs. Sums run in kLanes independent lanes added
+// in a fixed order, so they vectorise without -ffast-math and give the same result on every CPU.
 
 template <class A>
 struct Loops {
@@ -145,10 +145,11 @@ NORMFOLD_LOOP void elementwise(A* out, int64_t n, F f) {
   for (int64_t i = head; i < n; ++i) out[i] = f(i);
 }
 
-template <class A>
+/// kFma: the SiLU's multiply-adds are fused (the AVX2 / AVX-512 copies; activation_math.h).
+template <class A, bool kFma>
 NORMFOLD_LOOP void affine(const A* in, A* out, int64_t n, A shift, A a, A b, Activation act, A tau) {
   auto apply = [&](auto f) { elementwise(out, n, [&](int64_t i) { return f((in[i] - shift) * a + b); }); };
-  if (act == Activation::kSilu) apply(Silu{});
+  if (act == Activation::kSilu) apply(Silu<kFma>{});
   else if (act == Activation::kTlu) apply(Tlu<A>{tau});
   else apply(Identity{});
 }
