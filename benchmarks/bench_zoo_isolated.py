@@ -223,7 +223,7 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def write_results(rows: list[dict], args, started, load_before: float, seconds: float) -> None:
-    """The results file: how it ran, the table, the skipped cases."""
+    """The results file: how it ran, the table, the skipped cases; the existing file's `## Notes` on are kept."""
     from benchmarks.bench_zoo import machine
 
     lines = [
@@ -248,7 +248,9 @@ def write_results(rows: list[dict], args, started, load_before: float, seconds: 
     if skipped:
         lines += ["Not timed:", ""] + [f"- `{r['arch']}` × `{r['config']}`: {r.get('skipped') or r.get('failed')}"
                                         for r in skipped] + [""]
-    args.out.write_text("\n".join(lines))
+    old = args.out.read_text() if args.out.exists() else ""
+    notes = old[old.index("\n## Notes") + 1:] if "\n## Notes" in old else ""
+    args.out.write_text("\n".join(lines) + ("\n" + notes if notes else ""))
 
 
 def main() -> None:

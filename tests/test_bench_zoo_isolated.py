@@ -4,12 +4,15 @@ per-round statistics against numpy."""
 
 from __future__ import annotations
 
+import argparse
+import datetime
+
+import numpy as np
 import onnx
 import onnxruntime as ort
-import numpy as np
 import pytest
 
-from benchmarks.bench_zoo_isolated import MAX_RUNS, MIN_RUNS, profile_shares, ratio_stats, time_one
+from benchmarks.bench_zoo_isolated import MAX_RUNS, MIN_RUNS, profile_shares, ratio_stats, time_one, write_results
 from tests.helpers.graphs import G
 
 
@@ -68,3 +71,14 @@ def test_ratio_stats_are_the_median_ratio_and_half_the_iqr(before, after):
     median, noise = ratio_stats(before, after)
     assert median == pytest.approx(np.median(ratios))
     assert noise == pytest.approx((np.quantile(ratios, 0.75) - np.quantile(ratios, 0.25)) / 2)
+
+
+def test_a_new_run_replaces_the_table_and_keeps_the_notes(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# old header\n\n| old | table |\n\n## Notes\n\nWhat the last run showed.\n")
+    args = argparse.Namespace(out=out, configs="dy18", rounds=1, budget=0.1, threads=2)
+    write_results([{"arch": "vae", "config": "dy18", "skipped": "not exported"}], args, datetime.datetime(2026, 1, 1),
+                  0.5, 3.0)
+    text = out.read_text()
+    assert "| old | table |" not in text and "`vae` × `dy18`: not exported" in text
+    assert text.endswith("## Notes\n\nWhat the last run showed.\n") and text.count("## Notes") == 1
