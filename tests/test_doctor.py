@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -29,6 +30,19 @@ def test_report_says_cpu_kernels_work():
     assert report["advice"] is None
     text = format_doctor(report)
     assert "CPU kernels:    ok" in text and "CUDA provider:" in text and "to fix:" not in text
+
+
+def test_report_says_which_copy_of_the_cpu_loops_runs():
+    """The widest copy this CPU has (from /proc/cpuinfo), capped by NORMFOLD_LOOPS if this process has it,
+    in the JSON and the text (tests/test_custom_ops.py checks the cap in fresh processes)."""
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    copies = ["baseline", "avx2", "avx512"]
+    widest = 2 if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags else 1 if {"avx2", "fma"} <= flags else 0
+    cap = os.environ.get("NORMFOLD_LOOPS", "")
+    expected = copies[min(widest, copies.index(cap))] if cap in copies else copies[widest]
+    report = doctor()
+    assert report["cpu_ops"]["loops"] == expected
+    assert f"ok ({expected} loops, " in format_doctor(report)
 
 
 def test_api_versions_of_the_library_and_of_onnxruntime():
