@@ -79,24 +79,18 @@ NORMFOLD_LOOP CentredSums<A> centred_sums(const A* x, int64_t n, A shift, const 
   constexpr int64_t L = kLanes<A>;
   A ds[L] = {}, q[L] = {}, acc[L] = {};
   int64_t i = 0;
-  if (next) {
+  auto full_lanes = [&](auto with_next) {
     for (; i + L <= n; i += L)
 #pragma omp simd
       for (int64_t j = 0; j < L; ++j) {
         const A d = x[i + j] - shift;
         ds[j] += d;
         q[j] += d * d;
-        acc[j] += next[i + j];
+        if constexpr (decltype(with_next)::value) acc[j] += next[i + j];
       }
-  } else {
-    for (; i + L <= n; i += L)
-#pragma omp simd
-      for (int64_t j = 0; j < L; ++j) {
-        const A d = x[i + j] - shift;
-        ds[j] += d;
-        q[j] += d * d;
-      }
-  }
+  };
+  if (next) full_lanes(std::true_type{});
+  else full_lanes(std::false_type{});
   A ds_tail = 0, q_tail = 0, next_tail = 0;
   for (; i < n; ++i) {
     const A d = x[i] - shift;
