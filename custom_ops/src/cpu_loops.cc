@@ -53,19 +53,23 @@ NORMFOLD_ISA_LOOPS(Avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx5
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
-/// The widest instruction set the CPU has, capped by NORMFOLD_LOOPS=baseline|avx2 (to compare, or to rule one out).
+/// The widest instruction set the CPU has, capped by NORMFOLD_LOOPS=baseline|avx2 (to compare, or to rule one out);
+/// decided once per process, so every loop table and NormfoldCpuLoops() agree.
 Isa chosen_isa() {
-  __builtin_cpu_init();
-  Isa isa = Isa::kBaseline;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = Isa::kAvx2;
-  if (isa == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-    isa = Isa::kAvx512;
-  const char* cap = std::getenv("NORMFOLD_LOOPS");
-  const std::string want = cap ? cap : "";
-  if (want == "baseline") return Isa::kBaseline;
-  if (want == "avx2") return std::min(isa, Isa::kAvx2);
-  return isa;
+  static const Isa chosen = [] {
+    __builtin_cpu_init();
+    Isa isa = Isa::kBaseline;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = Isa::kAvx2;
+    if (isa == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      isa = Isa::kAvx512;
+    const char* cap = std::getenv("NORMFOLD_LOOPS");
+    const std::string want = cap ? cap : "";
+    if (want == "baseline") return Isa::kBaseline;
+    if (want == "avx2") return std::min(isa, Isa::kAvx2);
+    return isa;
+  }();
+  return chosen;
 }
 #else
 enum class Isa { kBaseline };
@@ -98,15 +102,12 @@ template const Loops<double>& loops();
 
 /// The loops this process runs ("avx512", "avx2" or "baseline"), for `normfold doctor` and the benchmarks.
 extern "C" __attribute__((visibility("default"))) const char* NormfoldCpuLoops() {
-  static const char* name = [] {
-    switch (normfold::chosen_isa()) {
+  switch (normfold::chosen_isa()) {
 #if defined(__x86_64__) && defined(__GNUC__)
-      case normfold::Isa::kAvx512: return "avx512";
-      case normfold::Isa::kAvx2: return "avx2";
+    case normfold::Isa::kAvx512: return "avx512";
+    case normfold::Isa::kAvx2: return "avx2";
 #endif
-      case normfold::Isa::kBaseline: break;
-    }
-    return "baseline";
-  }();
-  return name;
+    case normfold::Isa::kBaseline: break;
+  }
+  return "baseline";
 }
