@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import groupby
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ import normfold.passes.fuse.fuse_norms as fuse_norms
 from normfold.cli.main import main
 from normfold.errors import NormfoldError
 from normfold.pipeline.files import optimize_file
-from normfold.pipeline.speed_check import CHUNKS, check_speed, spread_rounds
+from normfold.pipeline.speed_check import CHUNKS, check_speed, default_threads, spread_rounds
 from normfold.runtime.timing import MIN_ROUNDS, compare, time_rounds
 from tests.helpers.graphs import G, count_op, ort_run
 from tests.helpers.norm_graphs import affine, group_norm, layer_norm, silu
@@ -86,8 +87,8 @@ def test_a_kind_that_makes_the_model_slower_is_reverted_and_reported(src, tmp_pa
     calls = []
     out = tmp_path / "o.onnx"
     summary = optimize_file(src, out, inplace=False, passes=("fold-bn", "fuse", "cleanup"),
-                            measure={
-                                "budget_s": 3.0, "timer": cost_timer(lambda m: node_cost(m, ln_extra=5.0), calls)})
+                            measure={"budget_s": 3.0, "threads": (None,),
+                                     "timer": cost_timer(lambda m: node_cost(m, ln_extra=5.0), calls)})
     check = summary.speed
     assert check.fused == ("gn", "ln")
     assert check.first.slower and [r.family for r in check.reverted] == ["ln"]
@@ -109,7 +110,7 @@ def test_kinds_that_do_not_slow_the_model_are_kept_after_one_timing(src, tmp_pat
     calls = []
     out = tmp_path / "o.onnx"
     summary = optimize_file(src, out, inplace=False, passes=("fuse",), check=None, measure={
-        "timer": cost_timer(node_cost, calls)})
+        "threads": (None,), "timer": cost_timer(node_cost, calls)})
     assert len(calls) == CHUNKS and summary.speed.reverted == [] and summary.speed.result.faster
     assert summary.speed.result is summary.speed.first
     assert fused_ops(onnx.load(out)) == {"GroupNorm": 1, "LayerNormalization": 1, "LayerNorm": 0}
@@ -132,9 +133,58 @@ def test_a_slower_model_with_nothing_fused_is_reported_not_changed(tmp_path):
     onnx.save(g.model(), tmp_path / "c.onnx")
     calls = []
     summary = optimize_file(tmp_path / "c.onnx", tmp_path / "o.onnx", inplace=False, passes=("fuse", "cleanup"),
-                            check=None, measure={"timer": cost_timer(lambda m: 1.0 if len(m.graph.node) > 1 else 2.0,
-                                                                 calls)})
+                            check=None, measure={"threads": (2,), "timer": cost_timer(
+                                lambda m: 1.0 if len(m.graph.node) > 1 else 2.0, calls)})
     assert len(calls) == CHUNKS and summary.speed.result.slower and summary.speed.fused == ()
+
+
+def threaded_cost_timer(cost, calls: list, seed: int = 0):
+    """As `cost_timer`, with cost(model, threads) and the thread count of each call recorded."""
+    rng = np.random.default_rng(seed)
+
+    def timer(models, feeds, *, budget_s, provider, threads):
+        calls.append((len(models), threads))
+        base = np.array([cost(m, threads) for m in models]) * 1e-3
+        return base * rng.uniform(0.97, 1.03, size=(30, len(models)))
+
+    return timer
+
+
+def test_by_default_a_kind_slower_only_at_one_thread_is_reverted(src, tmp_path, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    calls = []
+    timer = threaded_cost_timer(lambda m, n: node_cost(m, ln_extra=5.0 if n == 1 else 0.0), calls)
+    summary = optimize_file(src, tmp_path / "o.onnx", inplace=False, passes=("fuse",), check=None,
+                            measure={"timer": timer})
+    check = summary.speed
+    assert check.threads == (1, None)
+    one, default = check.timings
+    assert one.first.slower and default.first.faster  # fused LayerNorm: slower at 1 thread, faster at the default
+    assert [(r.family, r.threads) for r in check.reverted] == [("ln", 1)] and check.reverted[0].gain.faster
+    assert one.result.faster and default.result.faster  # GroupNorm alone fused: faster at both
+    # the kinds are left out only at the thread count where the model was slower; the result is timed at both
+    assert [c for c, _ in groupby(calls)] == [(2, 1), (2, None), (4, 1), (2, 1), (2, None)]
+    assert fused_ops(onnx.load(tmp_path / "o.onnx")) == {"GroupNorm": 1, "LayerNormalization": 0, "LayerNorm": 0}
+    data = summary.to_dict()["speed"]
+    assert data["threads"] == [1, None] and [t["threads"] for t in data["by_threads"]] == [1, None]
+    assert data["speedup"] == min(t["result"]["speedup"] for t in data["by_threads"])
+    assert data["all_fused"]["speedup"] == one.first.ratio < 1 and data["reverted"][0]["threads"] == 1
+
+
+def test_a_kind_that_helps_at_one_thread_count_is_still_reverted_where_it_costs_time(src, tmp_path):
+    calls = []
+    timer = threaded_cost_timer(lambda m, n: node_cost(m, ln_extra=5.0 if n == 4 else 0.0), calls)
+    check = optimize_file(src, tmp_path / "o.onnx", inplace=False, passes=("fuse",), check=None,
+                          measure={"timer": timer, "threads": (1, 4)}).speed
+    assert check.threads == (1, 4) and [(r.family, r.threads) for r in check.reverted] == [("ln", 4)]
+    assert check.timings[0].first.faster and not check.timings[0].result.slower
+
+
+def test_one_cpu_times_only_onnxruntimes_choice(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert default_threads() == (None,)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert default_threads() == (1, None)
 
 
 def scripted_timer(slowdowns: dict[int, list[float]], calls: list, seed: int = 0):
@@ -155,7 +205,7 @@ def test_once_the_model_is_slower_a_kind_stays_only_where_leaving_it_out_is_slow
     calls = []
     timer = scripted_timer({2: [1.0, 1.1], 4: [1.0, 1.1, 1.0, 1.05]}, calls)
     summary = optimize_file(src, tmp_path / "o.onnx", inplace=False, passes=("fuse",), check=None,
-                            measure={"timer": timer})
+                            measure={"timer": timer, "threads": (None,)})
     check = summary.speed
     assert check.first.slower and [r.family for r in check.reverted] == ["ln"]
     assert not check.reverted[0].gain.slower and not check.reverted[0].gain.faster
@@ -220,7 +270,7 @@ def test_measured_for_real_a_slowed_kind_is_reverted_and_a_fast_one_kept(convnex
     speed = json.loads(report.read_text())["speed"]
     assert [r["family"] for r in speed["reverted"]] == ["gn"], speed
     assert speed["all_fused"]["speedup"] < 1 and speed["reverted"][0]["low"] > 1
-    assert speed["threads"] == 1 and speed["provider"] == "cpu" and speed["result"]["rounds"] >= MIN_ROUNDS
+    assert speed["threads"] == [1] and speed["provider"] == "cpu" and speed["result"]["rounds"] >= MIN_ROUNDS
     written = onnx.load(out)
     assert count_op(written, "Max") == 0 and count_op(written, "GroupNorm") == 0
     assert count_op(written, "LayerNorm") == 1
@@ -259,6 +309,19 @@ def test_json_of_a_real_check(src, tmp_path):
     assert res["low"] <= res["speedup"] <= res["high"] and res["baseline_ms"] > 0 and res["candidate_ms"] > 0
     assert speed["budget_s"] == 0.5 and speed["fused"] == ["gn", "ln"]
     assert speed["noise"] == pytest.approx((res["high"] - res["low"]) / 2)
+
+
+def test_each_thread_count_given_is_timed_and_reported(src, tmp_path):
+    args = ["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--measure-budget", "0", "--no-check"]
+    result = CliRunner().invoke(main, args + ["--threads", "1", "--threads", "2", "--threads", "1", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    speed = json.loads(result.output)["speed"]
+    assert speed["threads"] == [1, 2] and [t["threads"] for t in speed["by_threads"]] == [1, 2]
+    assert all(t["result"]["rounds"] >= MIN_ROUNDS for t in speed["by_threads"])
+    table = CliRunner().invoke(main, args + ["--threads", "1", "--threads", "2"])
+    assert table.exit_code == 0, table.output
+    written = [line for line in table.output.splitlines() if "written" in line]
+    assert len(written) == 2 and "1 thread " in written[0] and "2 threads" in written[1], table.output
 
 
 def test_dynamic_sizes_are_1_unless_given(tmp_path):

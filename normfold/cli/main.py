@@ -444,10 +444,11 @@ def bench_command(model, other, shapes, inputs_path, seed, samples, provider, th
                    "optimizations on, interleaved rounds on the inputs below) and leave unfused each kind that "
                    "makes it slower beyond noise.")
 @click.option("--measure-budget", type=click.FloatRange(min=0.0), default=DEFAULT_BUDGET_S, show_default=True,
-              metavar="SECONDS", help="Time for the timed runs of the speed check (at least 5 rounds per timing; "
-                                      "one session and one warm-up run per model come on top).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="onnxruntime intra-op threads of the speed check (default: onnxruntime's choice).")
+              metavar="SECONDS", help="Time for the timed runs of the speed check, per thread count (at least 5 "
+                                      "rounds per timing; one session and one warm-up run per model come on top).")
+@click.option("--threads", type=click.IntRange(min=1), multiple=True,
+              help="onnxruntime intra-op threads of the speed check; repeat it to check several thread counts "
+                   "(default: 1 and onnxruntime's choice).")
 @data_options
 @tolerance_options
 @json_option
@@ -469,9 +470,10 @@ def optimize_command(model, output, inplace, pass_names, calibration, target, po
     fails. MODEL is never modified unless --inplace.
 
     Never slower: first, the result is timed against MODEL on the CPU provider (at
-    most --measure-budget seconds of timed runs, default 6); when it is slower
-    beyond noise, each fused kind is left out in turn and those that cost time
-    stay unfused. The report gives the measured speed-up with its noise and
+    most --measure-budget seconds of timed runs per thread count, default 6), at
+    1 thread and at onnxruntime's choice unless --threads is given; where it is
+    slower beyond noise, each fused kind is left out in turn and those that cost
+    time stay unfused. The report gives the measured speed-up with its noise and
     what was reverted. --no-measure skips it.
 
     \b
@@ -479,6 +481,7 @@ def optimize_command(model, output, inplace, pass_names, calibration, target, po
       normfold optimize resnet.onnx -o resnet.opt.onnx
       normfold optimize unet.onnx --shape sample=1x4x64x64 --json report.json
       normfold optimize resnet.onnx --data target_batches/ --passes recalibrate,fold-bn
+      normfold optimize vit.onnx --threads 4        # the speed check at the deployed 4 threads only
     """
     from normfold.cli.render import print_optimized
     from normfold.passes.registry import parse_passes
@@ -490,7 +493,7 @@ def optimize_command(model, output, inplace, pass_names, calibration, target, po
                             calibration=calibration,
                             check=check_from(check, configs, inputs=inputs_path, shapes=shapes, seed=seed,
                                              samples=samples, atol=atol, rtol=rtol),
-                            measure=dict(inputs=inputs_path, shapes=list(shapes), seed=seed, threads=threads,
+                            measure=dict(inputs=inputs_path, shapes=list(shapes), seed=seed, threads=threads or None,
                                          budget_s=measure_budget) if measure else None,
                             progress=progress_for(quiet, json_path))
     _emit_written(summary, json_path, quiet, print_optimized)

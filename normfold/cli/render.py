@@ -11,7 +11,7 @@ from rich.table import Table
 
 from normfold.ops.table import DOMAIN, FAMILY_TITLES
 from normfold.pipeline.files import RunSummary
-from normfold.pipeline.speed_check import SpeedCheck
+from normfold.pipeline.speed_check import SpeedCheck, threads_label
 from normfold.report import Skip
 from normfold.tools.bench import BenchReport
 from normfold.tools.demo import FOLD_COLUMNS, FUSE_COLUMNS, DemoResult
@@ -106,30 +106,31 @@ def print_optimized(summary: RunSummary) -> None:
 
 def print_speed(check: SpeedCheck, console: Console | None = None) -> None:
     """Print the speed check: the measured speed-up of the written model with its
-    noise, and each fused kind reverted with the numbers that reverted it."""
+    noise at each thread count, and each fused kind reverted with the numbers that reverted it."""
     console = console or _wide_console()
-    threads = check.threads or "onnxruntime default"
-    table = Table(title=f"speed ({check.provider}, threads: {threads}, onnxruntime optimizations: all; "
+    table = Table(title=f"speed ({check.provider}, onnxruntime optimizations: all; "
                         "speed-up = time before / time after, ± the ~95% interval's half-width)",
                   title_justify="left")
-    for column, justify in (("model", "left"), ("before ms", "right"), ("after ms", "right"),
+    for column, justify in (("model", "left"), ("threads", "left"), ("before ms", "right"), ("after ms", "right"),
                             ("speed-up", "right"), ("rounds", "right")):
         table.add_column(column, justify=justify)
 
-    def row(label, c):
-        table.add_row(label, f"{c.baseline_ms:.3f}", f"{c.candidate_ms:.3f}", f"{c.ratio:.3f}x ± {c.noise:.3f}",
-                      str(c.rounds))
+    def row(label, threads, c):
+        table.add_row(label, threads_label(threads), f"{c.baseline_ms:.3f}", f"{c.candidate_ms:.3f}",
+                      f"{c.ratio:.3f}x ± {c.noise:.3f}", str(c.rounds))
 
     if check.reverted:
-        row("every kind fused", check.first)
+        for t in check.timings:
+            row("every kind fused", t.threads, t.first)
         for r in check.reverted:
-            row(f"{FAMILY_TITLES[r.family]} left unfused (before: every kind fused)", r.gain)
-    row("written" if check.reverted else "written (nothing reverted)", check.result)
+            row(f"{FAMILY_TITLES[r.family]} left unfused (before: every kind fused)", r.threads, r.gain)
+    for t in check.timings:
+        row("written" if check.reverted else "written (nothing reverted)", t.threads, t.result)
     console.print(table)
     if check.reverted:
         titles = ", ".join(FAMILY_TITLES[r.family] for r in check.reverted)
         console.print(f"reverted (made the model slower beyond noise): {titles}", highlight=False)
-    if check.result.slower:
+    if any(t.result.slower for t in check.timings):
         console.print("the written model is still slower than the input beyond noise "
                       "(not the fused kinds: the other passes or the machine)", highlight=False)
 

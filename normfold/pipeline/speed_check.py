@@ -12,7 +12,13 @@ back the fused kinds that cost time.
    is not slower, all are reverted).
 3. What will be written is timed against the input model once more.
 
-Each timing gets a third of the budget, spent in up to CHUNKS fresh session
+All of this runs at each thread count of `threads` (by default 1 and
+onnxruntime's choice, the two ways models are commonly deployed: a fusion at
+parity with several threads can be slower with one). The model is slower if it
+is slower at any of them; step 2 runs at each thread count where it is, and a
+kind is reverted if leaving it out is not slower at one of those.
+
+Each timing gets a third of the budget (per thread count), spent in up to CHUNKS fresh session
 pairs: a small model's rounds would otherwise all fall in a few milliseconds
 (the timer stops at its round limit), where one burst of other work on the
 machine decides the comparison, and one session's memory placement stands for
@@ -22,6 +28,7 @@ not part of what is timed.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,17 +51,39 @@ _FAMILY_OF = {**{f"{DOMAIN}.{k.op}": k.family for k in OPS.values()},
               **{k.standard[0]: k.family for k in OPS.values() if k.standard}}
 
 
+def default_threads() -> tuple[int | None, ...]:
+    """The thread counts timed when none are given: 1 and onnxruntime's choice
+    (None), or only the latter on a one-CPU machine."""
+    return (1, None) if (os.cpu_count() or 1) > 1 else (None,)
+
+
 @dataclass
 class Reverted:
     """A fused kind taken back: `gain` compares the model with `family` left
-    unfused against the model with every kind fused (> 1: unfused is faster)."""
+    unfused against the model with every kind fused (> 1: unfused is faster),
+    at `threads` intra-op threads (None: onnxruntime's choice)."""
 
     family: str
     gain: Comparison
+    threads: int | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return {"family": self.family, "title": FAMILY_TITLES[self.family], **self.gain.to_dict()}
+        return {"family": self.family, "title": FAMILY_TITLES[self.family], "threads": self.threads,
+                **self.gain.to_dict()}
+
+
+@dataclass
+class AtThreads:
+    """The input model against the optimized one at one thread count."""
+
+    threads: int | None  # None: onnxruntime's choice
+    first: Comparison  # every kind fused, against the input model
+    result: Comparison  # what is written, against the input model
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"threads": self.threads, "all_fused": self.first.to_dict(), "result": self.result.to_dict()}
 
 
 @dataclass
@@ -62,13 +91,26 @@ class SpeedCheck:
     """The outcome of the speed check of one `optimize` run."""
 
     provider: str
-    threads: int | None
     budget_s: float
     fused: tuple[str, ...]  # kinds the fuse pass fused, before any revert
-    first: Comparison  # every kind fused, against the input model
-    result: Comparison  # what is written, against the input model
+    timings: list[AtThreads]  # one per thread count timed, in the order timed
     reverted: list[Reverted] = field(default_factory=list)
     shapes: dict[str, list[int]] = field(default_factory=dict)  # of the inputs timed
+
+    @property
+    def threads(self) -> tuple[int | None, ...]:
+        """The thread counts timed."""
+        return tuple(t.threads for t in self.timings)
+
+    @property
+    def first(self) -> Comparison:
+        """Every kind fused against the input model, at the thread count where it does worst."""
+        return min((t.first for t in self.timings), key=lambda c: c.ratio)
+
+    @property
+    def result(self) -> Comparison:
+        """What is written against the input model, at the thread count where it does worst."""
+        return min((t.result for t in self.timings), key=lambda c: c.ratio)
 
     @property
     def kept(self) -> tuple[str, ...]:
@@ -77,22 +119,25 @@ class SpeedCheck:
         return tuple(f for f in FUSE_FAMILIES if f not in gone)
 
     def to_dict(self) -> dict:
-        """JSON-ready form (times in milliseconds; speed-ups are input time / output time)."""
-        return {"provider": self.provider, "threads": self.threads, "budget_s": self.budget_s, "shapes": self.shapes,
-                "speedup": self.result.ratio, "noise": self.result.noise, "result": self.result.to_dict(),
-                "all_fused": self.first.to_dict(), "fused": list(self.fused),
+        """JSON-ready form (times in milliseconds; speed-ups are input time / output time;
+        `speedup`, `result` and `all_fused` are those of the thread count where the model does worst)."""
+        return {"provider": self.provider, "threads": list(self.threads), "budget_s": self.budget_s,
+                "shapes": self.shapes, "speedup": self.result.ratio, "noise": self.result.noise,
+                "result": self.result.to_dict(), "all_fused": self.first.to_dict(),
+                "by_threads": [t.to_dict() for t in self.timings], "fused": list(self.fused),
                 "reverted": [r.to_dict() for r in self.reverted]}
 
 
 def check_speed(model: onnx.ModelProto, passes: tuple[str, ...], *, target: str = "auto", portable: bool = True,
-                inputs=None, shapes=(), seed: int = 0, provider: str = "cpu", threads: int | None = None,
-                budget_s: float = DEFAULT_BUDGET_S, timer: Timer = time_rounds,
-                progress: Progress | None = None) -> SpeedCheck:
+                inputs=None, shapes=(), seed: int = 0, provider: str = "cpu",
+                threads: tuple[int | None, ...] | None = None, budget_s: float = DEFAULT_BUDGET_S,
+                timer: Timer = time_rounds, progress: Progress | None = None) -> SpeedCheck:
     """Time `passes` (run on `model` as `optimize` runs them) against `model` and
-    find the fused kinds to revert (see the module docstring). Inputs are
-    `inputs`, or generated from `shapes` and `seed` as `verify` does (dynamic
-    sizes not in `shapes` are 1, as in the output check).
-    `budget_s` bounds the timed rounds (at least 5 rounds per timing)."""
+    find the fused kinds to revert (see the module docstring), at each thread count
+    of `threads` (None in it: onnxruntime's choice; default: `default_threads()`).
+    Inputs are `inputs`, or generated from `shapes` and `seed` as `verify` does
+    (dynamic sizes not in `shapes` are 1, as in the output check).
+    `budget_s` bounds the timed rounds per thread count (at least 5 rounds per timing)."""
     progress = progress or Progress()
     graph_passes = tuple(p for p in passes if not PASSES[p].needs_data)
     specs = input_specs(model)
@@ -105,30 +150,40 @@ def check_speed(model: onnx.ModelProto, passes: tuple[str, ...], *, target: str 
         run = run_passes(model, steps(graph_passes, ops=ops, target=target), portable=portable)
         return run.model, _fused_families(run.reports)
 
-    def timed(models: list[onnx.ModelProto], what: str) -> np.ndarray:
-        with progress.step(f"timing {what}"):
-            return spread_rounds(timer, models, feeds, budget_s=budget_s / 3, provider=provider, threads=threads)
+    def against(baseline: onnx.ModelProto, models: list[onnx.ModelProto], threads: int | None,
+                what: str) -> list[Comparison]:
+        """Each of `models` timed against `baseline` at `threads` threads."""
+        with progress.step(f"timing {what} ({threads_label(threads)})"):
+            times = spread_rounds(timer, [baseline, *models], feeds, budget_s=budget_s / 3, provider=provider,
+                                  threads=threads)
+        return [compare(times[:, 0], times[:, i]) for i in range(1, len(models) + 1)]
 
     candidate, fused = build(FUSE_FAMILIES)
-    times = timed([model, candidate], "the optimized model against the input")
-    first = compare(times[:, 0], times[:, 1])
-    check = SpeedCheck(provider, threads, budget_s, fused, first, first,
+    timings = []
+    for n in dict.fromkeys(threads or default_threads()):
+        first = against(model, [candidate], n, "the optimized model against the input")[0]
+        timings.append(AtThreads(n, first, first))
+    check = SpeedCheck(provider, budget_s, fused, timings,
                        shapes={name: list(np.shape(value)) for name, value in feeds.items()})
-    if not first.slower or not fused:
+    slow = [t.threads for t in timings if t.first.slower]
+    if not slow or not fused:
         return check
     variants = {f: tuple(k for k in FUSE_FAMILIES if k != f) for f in fused}
     if len(fused) > 1:
         variants["every kind"] = tuple(k for k in FUSE_FAMILIES if k not in fused)
     built = {name: build(ops)[0] for name, ops in variants.items()}
-    times = timed([candidate, *built.values()], "each fused kind left out")
-    gains = {name: compare(times[:, 0], times[:, i]) for i, name in enumerate(built, start=1)}
-    check.reverted = [Reverted(f, gains[f]) for f in fused if not gains[f].slower]
-    if not check.reverted and "every kind" in gains and not gains["every kind"].slower:
-        check.reverted = [Reverted(f, gains["every kind"]) for f in fused]
+    reverted: dict[str, Reverted] = {}
+    for n in slow:
+        gains = dict(zip(built, against(candidate, list(built.values()), n, "each fused kind left out")))
+        here = {f: Reverted(f, gains[f], n) for f in fused if not gains[f].slower}
+        if not here and "every kind" in gains and not gains["every kind"].slower:
+            here = {f: Reverted(f, gains["every kind"], n) for f in fused}
+        reverted = {**here, **reverted}  # a kind keeps the first timing that reverted it
+    check.reverted = [reverted[f] for f in fused if f in reverted]
     if check.reverted:
         final = build(check.kept)[0]
-        times = timed([model, final], "the result against the input")
-        check.result = compare(times[:, 0], times[:, 1])
+        for t in timings:
+            t.result = against(model, [final], t.threads, "the result against the input")[0]
     return check
 
 
@@ -140,6 +195,11 @@ def spread_rounds(timer: Timer, models: list[onnx.ModelProto], feeds, *, budget_
     while len(chunks) < CHUNKS and (not chunks or time.perf_counter() - started < budget_s):
         chunks.append(timer(models, feeds, budget_s=budget_s / CHUNKS, provider=provider, threads=threads))
     return np.concatenate(chunks)
+
+
+def threads_label(threads: int | None) -> str:
+    """How a thread count of the check reads in its progress and report."""
+    return "onnxruntime's default" if threads is None else f"{threads} thread{'s' if threads > 1 else ''}"
 
 
 def _fused_families(reports: list[PassReport]) -> tuple[str, ...]:
