@@ -111,6 +111,7 @@ def prepare_case(arch_name: str, config_name: str, folder: Path) -> dict:
 
     from normfold.pipeline.deploy_check import CheckOptions
     from normfold.pipeline.files import optimize_file
+    from normfold.pipeline.speed_check import threads_label
     from tests.helpers.norm_models import export
     from tests.helpers.zoo import ARCHITECTURES, CONFIGS
     from tests.helpers.zoo.checks import _feeds, run_onnx
@@ -137,7 +138,8 @@ def prepare_case(arch_name: str, config_name: str, folder: Path) -> dict:
     return {**row, "before": str(before), "after": str(after), "feeds": str(feeds_path),
             "fused": dict(Counter(c.into.replace("com.normfold.", "") for rep in summary.reports if rep.name == "fuse"
                                   for c in rep.changes)),
-            "reverted": [r.family for r in speed.reverted], "kept_speedup": speed.result.ratio,
+            "reverted": [f"{r.family} ({threads_label(r.threads)})" for r in speed.reverted],
+            "kept_speedup": speed.result.ratio,
             "kept_noise": speed.result.noise, "all_fused_speedup": speed.first.ratio,
             "all_fused_noise": speed.first.noise, "verified": summary.verification.passed,
             "profile_before": profile_shares(model, feeds, replaced),
@@ -241,7 +243,9 @@ def write_results(rows: list[dict], args, started, load_before: float, seconds: 
         "- norms: share of kernel time (profiler, 1 thread) in norm ops and in the input's nodes normfold "
         "replaced; Amdahl bound: 1 / (1 − norms before); reorders: share of kernel time in onnxruntime's NCHWc "
         "ReorderInput/ReorderOutput, with their count per run; speed check: what `optimize` measured in-process "
-        "for what it wrote (onnxruntime's default threads, wall, its own noise interval)", "",
+        "for what it wrote (wall, its own noise interval; the default check times 1 thread and onnxruntime's "
+        "default, this is the one where the model does worst; `reverted` names the thread count that reverted "
+        "the kind)", "",
         *table(rows), "",
     ]
     skipped = [r for r in rows if "before" not in r]
