@@ -22,6 +22,7 @@ from normfold.pipeline.files import optimize_file
 from normfold.pipeline.speed_check import CHUNKS, check_speed, default_threads, spread_rounds
 from normfold.runtime.timing import MIN_ROUNDS, compare, time_rounds
 from tests.helpers.graphs import G, count_op, ort_run
+from tests.test_cli_fold_bn import assert_bad_input, run_cli
 from tests.helpers.norm_graphs import affine, group_norm, layer_norm, silu
 
 LN_OPS = ("LayerNormalization", "LayerNorm")
@@ -322,6 +323,20 @@ def test_each_thread_count_given_is_timed_and_reported(src, tmp_path):
     assert table.exit_code == 0, table.output
     written = [line for line in table.output.splitlines() if "written" in line]
     assert len(written) == 2 and "1 thread " in written[0] and "2 threads" in written[1], table.output
+
+
+def test_the_check_times_on_the_measure_provider(src, tmp_path):
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    before = src.read_bytes()
+    code, stdout, stderr = run_cli("optimize", src, "-o", out, "--measure-provider", "cuda", "--measure-budget", "0",
+                                   "--threads", "1", "--json", report)
+    assert src.read_bytes() == before
+    if code == 0:  # a usable GPU: the check ran on it
+        assert json.loads(report.read_text())["speed"]["provider"] == "cuda" and out.exists()
+        return
+    assert_bad_input(code, stdout, stderr)
+    assert "execution provider 'cuda'" in stderr and "--measure-provider cpu" in stderr
+    assert not out.exists() and not report.exists()
 
 
 def test_dynamic_sizes_are_1_unless_given(tmp_path):

@@ -449,12 +449,15 @@ def bench_command(model, other, shapes, inputs_path, seed, samples, provider, th
 @click.option("--threads", type=click.IntRange(min=1), multiple=True,
               help="onnxruntime intra-op threads of the speed check; repeat it to check several thread counts "
                    "(default: 1 and onnxruntime's choice).")
+@click.option("--measure-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider the speed check times on: the one you deploy with.")
 @data_options
 @tolerance_options
 @json_option
 @quiet_option
 def optimize_command(model, output, inplace, pass_names, calibration, target, portable, check, configs, measure,
-                     measure_budget, threads, shapes, inputs_path, seed, samples, atol, rtol, json_path, quiet):
+                     measure_budget, threads, measure_provider, shapes, inputs_path, seed, samples, atol, rtol,
+                     json_path, quiet):
     """Run every normfold pass, then prove the result equivalent.
 
     Passes, in this order: recalibrate (with --data), canonicalize (constant
@@ -469,9 +472,9 @@ def optimize_command(model, output, inplace, pass_names, calibration, target, po
     back and listed with the reason; exit 1 and nothing written if it still
     fails. MODEL is never modified unless --inplace.
 
-    Never slower: first, the result is timed against MODEL on the CPU provider (at
-    most --measure-budget seconds of timed runs per thread count, default 6), at
-    1 thread and at onnxruntime's choice unless --threads is given; where it is
+    Never slower: first, the result is timed against MODEL on --measure-provider
+    (default CPU; at most --measure-budget seconds of timed runs per thread count,
+    default 6), at 1 thread and at onnxruntime's choice unless --threads is given; where it is
     slower beyond noise, each fused kind is left out in turn and those that cost
     time stay unfused. The report gives the measured speed-up with its noise and
     what was reverted. --no-measure skips it.
@@ -494,7 +497,7 @@ def optimize_command(model, output, inplace, pass_names, calibration, target, po
                             check=check_from(check, configs, inputs=inputs_path, shapes=shapes, seed=seed,
                                              samples=samples, atol=atol, rtol=rtol),
                             measure=dict(inputs=inputs_path, shapes=list(shapes), seed=seed, threads=threads or None,
-                                         budget_s=measure_budget) if measure else None,
+                                         provider=measure_provider, budget_s=measure_budget) if measure else None,
                             progress=progress_for(quiet, json_path))
     _emit_written(summary, json_path, quiet, print_optimized)
 

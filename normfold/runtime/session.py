@@ -84,7 +84,8 @@ def make_session(
     if name not in ort.get_available_providers():
         raise NormfoldError(
             f"execution provider '{provider}' is not available in this onnxruntime "
-            f"(available: {', '.join(ort.get_available_providers())}); use --provider cpu"
+            f"(available: {', '.join(ort.get_available_providers())}); use --provider cpu "
+            "(optimize: --measure-provider cpu)"
         )
     options = ort.SessionOptions()
     options.graph_optimization_level = (
@@ -106,7 +107,7 @@ def make_session(
         # onnxruntime-gpu lists CUDA even without a GPU and silently falls back to CPU.
         raise NormfoldError(
             f"execution provider '{provider}' could not be initialised (no usable GPU or CUDA "
-            "libraries); use --provider cpu"
+            "libraries); use --provider cpu (optimize: --measure-provider cpu)"
         )
     return session
 
