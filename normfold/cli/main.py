@@ -335,7 +335,8 @@ def doctor_command(json_path):
         raise CheckFailed(f"the custom-op CPU kernels are not available; {report['advice']}")
 
 
-from normfold.cli.options import data_options, provider_option, tolerance_options, weights_option  # noqa: E402
+from normfold.cli.options import (PROVIDER_CHOICE, data_options, provider_option, tolerance_options,  # noqa: E402
+                                  weights_option)
 
 
 @main.command("verify")
@@ -449,7 +450,7 @@ def bench_command(model, other, shapes, inputs_path, seed, samples, provider, th
 @click.option("--threads", type=click.IntRange(min=1), multiple=True,
               help="onnxruntime intra-op threads of the speed check; repeat it to check several thread counts "
                    "(default: 1 and onnxruntime's choice).")
-@click.option("--measure-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+@click.option("--measure-provider", type=PROVIDER_CHOICE, default="cpu", show_default=True,
               help="onnxruntime execution provider the speed check times on: the one you deploy with.")
 @data_options
 @tolerance_options

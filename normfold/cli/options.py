@@ -41,10 +41,13 @@ def quiet_option(func):
     return click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(func)
 
 
+PROVIDER_CHOICE = click.Choice(["cpu", "cuda"])  # the execution providers a command can run a model on
+
+
 def provider_option(func):
     """`--provider cpu|cuda` for commands that run a model."""
     return click.option(
-        "--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+        "--provider", type=PROVIDER_CHOICE, default="cpu", show_default=True,
         help="onnxruntime execution provider to run the model with.",
     )(func)
 

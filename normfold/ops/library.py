@@ -72,21 +72,27 @@ def cuda_not_built_reason() -> str | None:
 def built_api_version(library: str) -> int | None:
     """The onnxruntime API version (ORT_API_VERSION) `library` was compiled against, or None
     when it cannot be loaded or does not say (a library built before normfold recorded it)."""
-    try:
-        return int(ctypes.CDLL(library).NormfoldOrtApiVersion())
-    except (OSError, AttributeError):
-        return None
+    function = _exported(library, "NormfoldOrtApiVersion")
+    return None if function is None else int(function())
 
 
 def cpu_loops(library: str) -> str | None:
     """Which copy of the hot loops `library`'s kernels run in this process: "avx512", "avx2" or
     "baseline" (NORMFOLD_LOOPS=avx2|baseline caps it), or None when it cannot be loaded or does not say."""
-    try:
-        function = ctypes.CDLL(library).NormfoldCpuLoops
-    except (OSError, AttributeError):
+    function = _exported(library, "NormfoldCpuLoops")
+    if function is None:
         return None
     function.restype = ctypes.c_char_p
     return function().decode()
+
+
+def _exported(library: str, name: str):
+    """The C function `name` that `library` exports (ctypes), or None when the library cannot be
+    loaded or does not export it."""
+    try:
+        return getattr(ctypes.CDLL(library), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def runtime_api_version() -> int:
