@@ -110,6 +110,7 @@ def prepare_case(arch_name: str, config_name: str, folder: Path) -> dict:
     import onnx
 
     from normfold.pipeline.deploy_check import CheckOptions
+    from normfold.passes.registry import parse_passes
     from normfold.pipeline.files import optimize_file
     from normfold.pipeline.speed_check import threads_label
     from tests.helpers.norm_models import export
@@ -130,7 +131,7 @@ def prepare_case(arch_name: str, config_name: str, folder: Path) -> dict:
     before, after, feeds_path = folder / f"{stem}.onnx", folder / f"{stem}.opt.onnx", folder / f"{stem}.npz"
     onnx.save(model, before)
     np.savez(feeds_path, **feeds)
-    summary = optimize_file(before, after, inplace=False, passes=("fold-wn", "fold-bn", "fuse", "cleanup"),
+    summary = optimize_file(before, after, inplace=False, passes=parse_passes(None),  # `normfold optimize`'s passes
                             check=CheckOptions(inputs=feeds), measure={"inputs": feeds})
     optimized = onnx.load(after)
     replaced = {n.name for n in model.graph.node} - {n.name for n in optimized.graph.node}

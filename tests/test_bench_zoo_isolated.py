@@ -82,3 +82,26 @@ def test_a_new_run_replaces_the_table_and_keeps_the_notes(tmp_path):
     text = out.read_text()
     assert "| old | table |" not in text and "`vae` × `dy18`: not exported" in text
     assert text.endswith("## Notes\n\nWhat the last run showed.\n") and text.count("## Notes") == 1
+
+
+def test_prepare_case_runs_the_passes_normfold_optimize_runs(tmp_path, monkeypatch):
+    """The benchmark's optimized model is what `normfold optimize` writes: its default passes (canonicalize and
+    fold-affine included; without canonicalize a TorchScript LlamaRMSNorm keeps its weight Mul outside the norm)."""
+    import normfold.pipeline.files as files
+    from benchmarks.bench_zoo_isolated import prepare_case
+    from normfold.passes.registry import parse_passes
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def record(*args, passes, **kwargs):
+        seen["passes"] = passes
+        raise Stop
+
+    monkeypatch.setattr(files, "optimize_file", record)
+    with pytest.raises(Stop):
+        prepare_case("resnet", "ts17", tmp_path)
+    assert seen["passes"] == parse_passes(None)
+    assert {"canonicalize", "fold-affine"} <= set(seen["passes"])
