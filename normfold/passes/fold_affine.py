@@ -13,8 +13,11 @@ and the chain shifts, only the scale folds and the shift stays as one Add
 (reported as "partial"). This covers input standardisation (`(x - mean) / std`,
 min-max scaling) before the first Conv and layer scale (`gamma * x`) after
 the last Linear/Conv of a block. The factor 0.5 ending an erf GELU is left,
-so that onnxruntime still fuses the GELU into one op. Every chain left is
-reported with the reason.
+so that onnxruntime still fuses the GELU into one op; so are the steps of a
+normalization left decomposed (a kind `fuse` was told to leave out, or the
+speed check reverted), its γ and β included: onnxruntime fuses LayerNorm and
+RMSNorm with them, and a kind left out should run as exported. Every chain
+left is reported with the reason.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from normfold.passes import affine_math
 from normfold.passes.affine_fold import Affine, fold_backward, fold_forward
 from normfold.passes.batchnorm import BN, Skip
 from normfold.passes.fold_bn import bn_as_affine
+from normfold.passes.fuse.fuse_norms import unfused_norm_nodes
 from normfold.report import EXCLUDED, PassReport
 
 STEP_OPS = ("Mul", "Div", "Add", "Sub")
+LEFT_IN_NORM = "part of a normalization left decomposed (onnxruntime fuses it with its γ/β)"
 
 
 @dataclass
@@ -72,11 +77,12 @@ def _fold_graph(graph: gs.Graph, opset: int, names: NameScope, direction: str, r
                 where: str, exclude: frozenset[str]) -> None:
     reasons: dict[int, tuple[list[gs.Node], str]] = {}
     shifts: set[int] = set()  # the Add each partial fold leaves: what is left of a folded chain
+    norms = [n for n in unfused_norm_nodes(graph, opset) if _step(n, opset) is not None]  # never steps
     progress = True
     while progress:  # a fold can join or free other chains
         progress = False
         reasons.clear()
-        for chain in _chains(graph, opset, shifts):
+        for chain in _chains(graph, opset, shifts | {id(n) for n in norms}):
             for steps, affine, reason in _pieces(graph, opset, chain):
                 if affine is not None and any(step.node.name in exclude for step in steps):
                     affine, reason = None, EXCLUDED
@@ -94,7 +100,7 @@ def _fold_graph(graph: gs.Graph, opset: int, names: NameScope, direction: str, r
                 if how == "partial":
                     shifts.add(id(producer(affine.y)))
                 progress = True
-    for nodes, reason in reasons.values():
+    for nodes, reason in [*reasons.values(), *(([n], LEFT_IN_NORM) for n in norms)]:
         for node in nodes:
             if node.outputs:
                 report.skip(node.name, node.op, reason, where)

@@ -64,6 +64,23 @@ def fuse_norms(graph: gs.Graph, ops: Iterable[str] = FAMILIES, target: str = "au
     return report
 
 
+def unfused_norm_nodes(graph: gs.Graph, opset: int) -> list[gs.Node]:
+    """The nodes of each normalization subgraph of `graph` (not its subgraphs) that the fuse
+    pass matches but has not replaced: a kind left out (`ops`), or fuse not run."""
+    found = []
+    for node in graph.nodes:
+        for anchors, matcher in _MATCHERS:
+            if node.op not in anchors:
+                continue
+            try:
+                fused = matcher(Match(graph, opset), node)
+            except NoMatch:
+                continue
+            if not is_constant(fused.x, opset):
+                found += fused.nodes
+    return found
+
+
 def _fuse_at(graph, opset, node, ops, target, names, report, where, exclude) -> None:
     if target == "standard" and node.op in _STANDARD_ANCHORS:
         return  # already a standard op
