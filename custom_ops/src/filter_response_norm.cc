@@ -22,7 +22,7 @@ struct FRNAttrs {
 
   std::string check(const InputShapes& in) const {
     const Shape& x = in[0];
-    const std::optional<Shape> tau = in.optional(3);
+    const Shape* tau = in.optional(3);
     if (x.size() < 2) return "X must be N x C x ... (rank >= 2), got shape " + str(x);
     if (use_tlu && !tau) return "use_tlu=1 needs the tau input";
     std::string e = check_count("gamma", in[1], x[1]);

@@ -39,7 +39,7 @@ struct LayerNormAttrs {
     if (!channel_first && normalized_axis(axis, x.size()) < 0)
       return "axis=" + std::to_string(axis) + " is out of range for X of shape " + str(x);
     const std::string e = check_count("scale", in[1], param_count(x));
-    const std::optional<Shape> bias = in.optional(2);
+    const Shape* bias = in.optional(2);
     return e.empty() && bias ? check_count("bias", *bias, param_count(x)) : e;
   }
 };

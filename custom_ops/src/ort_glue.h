@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "compute_call.h"
 #include "ort_api.h"
 #include "shape.h"
 #ifdef NORMFOLD_WITH_CUDA
@@ -70,8 +71,9 @@ class Attributes {
   const char* op_;
 };
 
-/// Shapes of the node's inputs known at session creation, or nullopt when even X's rank is unknown.
-inline std::optional<InputShapes> static_shapes(const OrtKernelInfo* info) {
+/// Shapes of the node's inputs known at session creation ({-1} where unknown), or nullopt when even
+/// X's rank is unknown.
+inline std::optional<std::vector<Shape>> static_shapes(const OrtKernelInfo* info) {
   auto known = [&](size_t i) -> std::optional<Shape> {
     try {
       Shape s = Ort::ConstKernelInfo(info).GetInputTypeInfo(i).GetTensorTypeAndShapeInfo().GetShape();
@@ -83,9 +85,8 @@ inline std::optional<InputShapes> static_shapes(const OrtKernelInfo* info) {
     }
   };
   if (!known(0)) return std::nullopt;
-  InputShapes shapes;
-  for (size_t i = 0; i < Ort::ConstKernelInfo(info).GetInputCount(); ++i)
-    shapes.given.push_back(known(i).value_or(Shape{-1}));
+  std::vector<Shape> shapes;
+  for (size_t i = 0; i < Ort::ConstKernelInfo(info).GetInputCount(); ++i) shapes.push_back(known(i).value_or(Shape{-1}));
   return shapes;
 }
 
@@ -99,10 +100,10 @@ inline void require_present_inputs(const OrtKernelInfo* info, const char* op) {
 }
 
 template <class T>
-void add_shape(InputShapes& s, const Ort::Custom::Tensor<T>& t) { s.given.push_back(t.Shape()); }
+void add_shape(InputShapes& s, const Ort::Custom::Tensor<T>& t) { s.add(t.Shape()); }
 template <class T>
 void add_shape(InputShapes& s, const std::optional<const Ort::Custom::Tensor<T>*>& t) {
-  if (t) s.given.push_back((*t)->Shape());
+  if (t) s.add((*t)->Shape());
 }
 
 /// The base of every op's kernel. `Attrs` holds the op's attributes: `kName`, a constructor from
@@ -116,8 +117,11 @@ struct Kernel {
 
   Kernel(const OrtApi*, const OrtKernelInfo* info) : attrs(Attributes(info, kName)) {
     require_present_inputs(info, kName);
-    if (auto shapes = static_shapes(info))
-      if (const std::string e = attrs.check(*shapes); !e.empty()) fail(std::string(kName) + ": " + e);
+    if (const auto shapes = static_shapes(info)) {
+      InputShapes in;
+      for (const Shape& s : *shapes) in.add(s);
+      if (const std::string e = attrs.check(in); !e.empty()) fail(std::string(kName) + ": " + e);
+    }
   }
 
   /// "" or "Op: what is wrong" with the shapes of these inputs, in input order (optional ones as std::optional).
@@ -188,23 +192,30 @@ inline OrtStatusPtr ORT_API_CALL outputs_as_input(const OrtCustomOp* op, OrtShap
 
 using InferShapes = OrtStatusPtr(ORT_API_CALL*)(const OrtCustomOp*, OrtShapeInferContext*);
 
+/// The lite API's op for kernel K on `provider`, run through compute_on_stack.
+template <class K>
+void add_kernel(OpList& ops, const char* name, const char* provider, InferShapes infer) {
+  ops.emplace_back(Ort::Custom::CreateLiteCustomOp<K>(name, provider));
+  ops.back()->KernelComputeV2 = compute_on_stack<K>;
+  ops.back()->InferOutputShapeFn = infer;
+}
+
 /// Registers op `name` (default Op<T, false>::kName): Op<T, false> on the CPU for float, double, float16 and
 /// bfloat16, and in the CUDA library also Op<T, true> on CUDA for float, float16 and bfloat16; `infer` gives
 /// the output types and shapes.
 template <template <class, bool> class Op>
 void add_kernels(OpList& ops, const char* name = Op<float, false>::kName, InferShapes infer = same_as_input) {
-  using Ort::Custom::CreateLiteCustomOp;
-  const size_t first = ops.size();
-  ops.emplace_back(CreateLiteCustomOp<Op<float, false>>(name, "CPUExecutionProvider"));
-  ops.emplace_back(CreateLiteCustomOp<Op<double, false>>(name, "CPUExecutionProvider"));
-  ops.emplace_back(CreateLiteCustomOp<Op<Ort::Float16_t, false>>(name, "CPUExecutionProvider"));
-  ops.emplace_back(CreateLiteCustomOp<Op<Ort::BFloat16_t, false>>(name, "CPUExecutionProvider"));
+  constexpr const char* kCpu = "CPUExecutionProvider";
+  add_kernel<Op<float, false>>(ops, name, kCpu, infer);
+  add_kernel<Op<double, false>>(ops, name, kCpu, infer);
+  add_kernel<Op<Ort::Float16_t, false>>(ops, name, kCpu, infer);
+  add_kernel<Op<Ort::BFloat16_t, false>>(ops, name, kCpu, infer);
 #ifdef NORMFOLD_WITH_CUDA
-  ops.emplace_back(CreateLiteCustomOp<Op<float, true>>(name, "CUDAExecutionProvider"));
-  ops.emplace_back(CreateLiteCustomOp<Op<Ort::Float16_t, true>>(name, "CUDAExecutionProvider"));
-  ops.emplace_back(CreateLiteCustomOp<Op<Ort::BFloat16_t, true>>(name, "CUDAExecutionProvider"));
+  constexpr const char* kCudaProvider = "CUDAExecutionProvider";
+  add_kernel<Op<float, true>>(ops, name, kCudaProvider, infer);
+  add_kernel<Op<Ort::Float16_t, true>>(ops, name, kCudaProvider, infer);
+  add_kernel<Op<Ort::BFloat16_t, true>>(ops, name, kCudaProvider, infer);
 #endif
-  for (size_t i = first; i < ops.size(); ++i) ops[i]->InferOutputShapeFn = infer;
 }
 
 #ifdef NORMFOLD_WITH_CUDA

@@ -26,7 +26,7 @@ struct RMSNormAttrs {
     const Shape& x = in[0];
     const int64_t first = normalized_axis(axis, x.size());
     if (first < 0) return "axis=" + std::to_string(axis) + " is out of range for X of shape " + str(x);
-    const std::optional<Shape> scale = in.optional(1);
+    const Shape* scale = in.optional(1);
     return scale ? check_count("scale", *scale, numel(x, size_t(first))) : "";
   }
 };

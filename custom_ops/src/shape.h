@@ -45,12 +45,24 @@ inline std::string check_count(const char* what, const Shape& param, int64_t exp
 }
 
 /// Shapes of a node's inputs: one per input given (optional inputs are left out from the end),
-/// {-1} for an input whose shape is unknown.
+/// {-1} for an input whose shape is unknown. It points at shapes held elsewhere, so building one on
+/// every Compute allocates nothing.
 struct InputShapes {
-  std::vector<Shape> given;
+  static constexpr size_t kMax = 8;  // more inputs than any op has
 
-  Shape operator[](size_t i) const { return i < given.size() ? given[i] : Shape{-1}; }  // a required input
-  std::optional<Shape> optional(size_t i) const { return i < given.size() ? std::optional(given[i]) : std::nullopt; }
+  void add(const Shape& s) {
+    if (count_ < kMax) given_[count_++] = &s;
+  }
+  const Shape& operator[](size_t i) const { return i < count_ ? *given_[i] : unknown(); }  // a required input
+  const Shape* optional(size_t i) const { return i < count_ ? given_[i] : nullptr; }
+
+ private:
+  static const Shape& unknown() {
+    static const Shape s{-1};
+    return s;
+  }
+  const Shape* given_[kMax] = {};
+  size_t count_ = 0;
 };
 
 }  // namespace normfold

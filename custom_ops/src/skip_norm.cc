@@ -48,7 +48,7 @@ struct SkipAttrs {
     if (!same_shape(x, in[1])) return "skip must have X's shape " + str(x) + ", got " + str(in[1]);
     const int64_t d = numel(x, size_t(first));
     const std::string e = check_count("scale", in[2], d);
-    const std::optional<Shape> bias = in.optional(3);
+    const Shape* bias = in.optional(3);
     return e.empty() && bias ? check_count("bias", *bias, d) : e;
   }
 };
