@@ -20,3 +20,16 @@ class CheckFailed(NormfoldError):
     """The command ran, but the result failed a check (exit code 1)."""
 
     exit_code = EXIT_CHECK_FAILED
+
+
+class ProviderUnavailable(NormfoldError):
+    """The execution provider asked for cannot run here (no GPU, no CUDA libraries). `what`
+    says why; the message adds what to do, and the CLI names the option that chose it."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what}; use the cpu provider")
+        self.what = what
+
+    def for_option(self, option: str) -> str:
+        """The message naming `option` (e.g. --provider) as the way to choose the cpu provider."""
+        return f"{self.what}; use {option} cpu"

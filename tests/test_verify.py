@@ -138,6 +138,20 @@ def test_outputs_matched_by_position_when_names_differ(tmp_path):
     assert report.outputs[0].reference_name == old
 
 
+def test_provider_error_outside_the_cli_names_no_option():
+    """The runtime layer says what is wrong and to use the cpu provider; only the CLI knows the option's name."""
+    from normfold.errors import ProviderUnavailable
+    from normfold.runtime.session import make_session
+
+    try:
+        make_session(mft.onnx_file("make_groupnorm"), provider="cuda")
+    except ProviderUnavailable as exc:
+        assert "--" not in str(exc) and str(exc).endswith("use the cpu provider")
+        assert exc.for_option("--measure-provider").endswith("; use --measure-provider cpu")
+    else:
+        pytest.skip("a usable CUDA GPU is present")
+
+
 def test_cuda_provider_without_gpu_is_a_clear_error(tmp_path):
     json_path = tmp_path / "r.json"
     result = run_cli("verify", mft.onnx_file("make_groupnorm"), "--against", mft.onnx_file("make_groupnorm"),

@@ -16,7 +16,7 @@ import click
 from normfold import __version__
 from normfold.cli.options import (check_from, check_options, configs_option, json_option, output_options, output_path,
                                   portable_option, progress_for, quiet_option, write_json)
-from normfold.errors import EXIT_BAD_INPUT, NormfoldError
+from normfold.errors import EXIT_BAD_INPUT, NormfoldError, ProviderUnavailable
 from normfold.ops.table import FAMILIES, FAMILY_TITLES
 from normfold.passes.registry import PASS_ORDER
 from normfold.pipeline.speed_check import DEFAULT_BUDGET_S
@@ -27,11 +27,18 @@ INTERNAL_ERROR = 3
 class NormfoldGroup(click.Group):
     """Turns NormfoldError into one stderr line and its exit code."""
 
+    def _provider_option(self, ctx: click.Context) -> str:
+        """The running command's option that chose the execution provider (--provider, or optimize's --measure-provider)."""
+        command = self.get_command(ctx, ctx.invoked_subcommand or "")
+        names = [p.opts[0] for p in (command.params if command else []) if p.name in ("provider", "measure_provider")]
+        return names[0] if names else "--provider"
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except NormfoldError as exc:
-            click.echo(f"normfold: error: {' '.join(str(exc).split())}", err=True)  # always one line
+            message = exc.for_option(self._provider_option(ctx)) if isinstance(exc, ProviderUnavailable) else str(exc)
+            click.echo(f"normfold: error: {' '.join(message.split())}", err=True)  # always one line
             ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise

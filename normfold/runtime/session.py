@@ -13,7 +13,7 @@ import onnx
 import onnx.numpy_helper
 import onnxruntime as ort
 
-from normfold.errors import NormfoldError
+from normfold.errors import NormfoldError, ProviderUnavailable
 from normfold.io.inputs import Feeds
 from normfold.io.model_io import PROTOBUF_LIMIT, model_bytes, skeleton
 from normfold.ops.library import ops_library_path, register_ops
@@ -82,10 +82,9 @@ def make_session(
         raise NormfoldError(f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)}")
     name = PROVIDERS[provider]
     if name not in ort.get_available_providers():
-        raise NormfoldError(
+        raise ProviderUnavailable(
             f"execution provider '{provider}' is not available in this onnxruntime "
-            f"(available: {', '.join(ort.get_available_providers())}); use --provider cpu "
-            "(optimize: --measure-provider cpu)"
+            f"(available: {', '.join(ort.get_available_providers())})"
         )
     options = ort.SessionOptions()
     options.graph_optimization_level = (
@@ -105,9 +104,9 @@ def make_session(
         raise NormfoldError(f"onnxruntime cannot load the model: {first}") from exc
     if name not in session.get_providers():
         # onnxruntime-gpu lists CUDA even without a GPU and silently falls back to CPU.
-        raise NormfoldError(
+        raise ProviderUnavailable(
             f"execution provider '{provider}' could not be initialised (no usable GPU or CUDA "
-            "libraries); use --provider cpu (optimize: --measure-provider cpu)"
+            "libraries)"
         )
     return session
 

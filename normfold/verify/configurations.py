@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from normfold.errors import NormfoldError
+from normfold.errors import NormfoldError, ProviderUnavailable
 from normfold.io.inputs import Feeds
 from normfold.ir.convert import all_graphs
 from normfold.ops.portable import needs_library_for
@@ -110,6 +110,8 @@ def run_configurations(source: onnx.ModelProto | str, model: onnx.ModelProto, fe
                                       progress.each(feeds_list, f"running {what} ({config.name})",
                                                     total=len(feeds_list))]
             result.ran = True
+        except ProviderUnavailable:
+            raise  # the machine, not the candidate: no configuration can run here
         except NormfoldError as exc:
             result.status, result.detail = FAIL, str(exc)
         session = None
