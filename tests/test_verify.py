@@ -144,7 +144,7 @@ def test_provider_error_outside_the_cli_names_no_option():
     from normfold.runtime.session import make_session
 
     try:
-        make_session(mft.onnx_file("make_groupnorm"), provider="cuda")
+        make_session(str(mft.onnx_file("make_groupnorm")), provider="cuda")
     except ProviderUnavailable as exc:
         assert "--" not in str(exc) and str(exc).endswith("use the cpu provider")
         assert exc.for_option("--measure-provider").endswith("; use --measure-provider cpu")
