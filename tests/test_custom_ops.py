@@ -402,7 +402,8 @@ def loop_outputs() -> dict[str, np.ndarray]:
     long = (rng.standard_normal((1, 4, 50, 61)) * 2 - 30).astype(np.float32)
     c, d = rng.standard_normal(24).astype(np.float32), rng.standard_normal(11).astype(np.float32)
     v = rng.standard_normal((24, 5, 3, 3)).astype(np.float32)
-    h = {k: a.astype(np.float16) for k, a in dict(long=long, c=c[:4], x=x, c24=c).items()}
+    skip, e = rng.standard_normal(long.shape).astype(np.float32), rng.standard_normal(61).astype(np.float32)
+    h = {k: a.astype(np.float16) for k, a in dict(long=long, c=c[:4], x=x, c24=c, skip=skip, e=e).items()}
     return {
         "GroupNorm": run("GroupNorm", dict(X=x, scale=c, bias=c), dict(num_groups=4)),
         "GroupNorm silu": run("GroupNorm", dict(X=x, scale=c, bias=c), dict(num_groups=4, activation="silu")),
@@ -419,6 +420,10 @@ def loop_outputs() -> dict[str, np.ndarray]:
                                                 bias=d.astype(np.float64)), dtype=np.float64),
         "LayerNorm channel-first fp16": run("LayerNorm", dict(X=h["x"], scale=h["c24"], bias=h["c24"]),
                                             dict(channel_first=1), dtype=np.float16),
+        "SkipLayerNorm": run("SkipLayerNorm", dict(X=long, skip=skip, scale=e, bias=e), dict(epsilon=1e-5)),
+        "SkipRMSNorm": run("SkipRMSNorm", dict(X=long, skip=skip, scale=e), dict(epsilon=1e-6)),
+        "SkipRMSNorm fp16": run("SkipRMSNorm", dict(X=h["long"], skip=h["skip"], scale=h["e"]), dict(epsilon=1e-6),
+                                dtype=np.float16),
         "silu": silu_via_group_norm(silu_inputs()),  # the SiLU polynomial over every range, NaN and infinities included
     }
 

@@ -15,7 +15,8 @@ constexpr Loops<A> kBaseline{.moments = simd::moments<A>,
                              .affine = simd::affine<A, false>,
                              .scale_shift = simd::scale_shift<A>,
                              .add_moments = simd::add_moments<A>,
-                             .normalize = simd::normalize<A>};
+                             .normalize = simd::normalize<A>,
+                             .add = simd::add<A>};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // One wrapper struct per instruction set: each function inlines the simd:: template, which is then
@@ -41,12 +42,14 @@ constexpr Loops<A> kBaseline{.moments = simd::moments<A>,
                                  const A* offset, A g, A b) {                                               \
       simd::normalize(in, out, n, shift, rstd, offset, g, b);                                               \
     }                                                                                                       \
+    TARGET static void add(const A* a, const A* b, A* out, int64_t n) { simd::add(a, b, out, n); }          \
     static constexpr Loops<A> table{.moments = moments,                                                     \
                                     .sum_squares = sum_squares,                                             \
                                     .affine = affine,                                                       \
                                     .scale_shift = scale_shift,                                             \
                                     .add_moments = add_moments,                                             \
-                                    .normalize = normalize};                                                \
+                                    .normalize = normalize,                                                 \
+                                    .add = add};                                                            \
   };
 NORMFOLD_ISA_LOOPS(Avx2, __attribute__((target("avx2,fma"))))
 NORMFOLD_ISA_LOOPS(Avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512"))))

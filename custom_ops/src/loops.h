@@ -29,6 +29,8 @@ struct Loops {
   void (*add_moments)(double* dsum, double* sq, const A* const* rows, int count, const A* shift, int64_t n);
   /// out = ((in - shift)·rstd + offset)·g + b
   void (*normalize)(const A* in, A* out, int64_t n, const A* shift, const A* rstd, const A* offset, A g, A b);
+  /// out = a + b (out may be a): the Skip ops' sum
+  void (*add)(const A* a, const A* b, A* out, int64_t n);
 };
 constexpr int kRowsAtOnce = 4;  // channel rows add_moments takes in one pass over its accumulators
 
@@ -185,6 +187,11 @@ NORMFOLD_LOOP void add_moments(double* dsum, double* sq, const A* const* rows, i
 template <class A>
 NORMFOLD_LOOP void normalize(const A* in, A* out, int64_t n, const A* shift, const A* rstd, const A* offset, A g, A b) {
   elementwise(out, n, [&](int64_t i) { return ((in[i] - shift[i]) * rstd[i] + offset[i]) * g + b; });
+}
+
+template <class A>
+NORMFOLD_LOOP void add(const A* a, const A* b, A* out, int64_t n) {
+  elementwise(out, n, [&](int64_t i) { return a[i] + b[i]; });
 }
 }  // namespace simd
 

@@ -70,8 +70,7 @@ template <class T>
 void add_rows(const T* x, const T* skip, Acc<T>* s, T* rounded, int64_t n) {
   using A = Acc<T>;
   if constexpr (std::is_same_v<T, A>) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) s[i] = x[i] + skip[i];
+    loops<A>().add(x, skip, s, n);
     if (rounded && rounded != s) std::copy(s, s + n, rounded);
   } else {
     alignas(64) A b[kBlock];
@@ -79,8 +78,7 @@ void add_rows(const T* x, const T* skip, Acc<T>* s, T* rounded, int64_t n) {
       const int64_t len = std::min(kBlock, n - off);
       load(x + off, s + off, len);
       load(skip + off, b, len);
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) s[off + i] += b[i];
+      loops<A>().add(s + off, b, s + off, len);
       if (rounded) store(s + off, rounded + off, len);
     }
   }
@@ -100,9 +98,12 @@ void skip_norm(OrtKernelContext* ctx, const T* x, const T* skip, T* y, T* sums, 
   }
   auto sum_of = [&](int64_t i, int64_t lo, int64_t n) -> A* {
     if (whole) return whole + i * d + lo;
-    static thread_local std::vector<A> row;  // stats and write pass of a row run in one task, on one thread
-    if (row.size() < size_t(n)) row.resize(size_t(n));
-    return row.data();
+    // stats and write pass of a row run in one task, on one thread; 64-byte aligned like the loops' stores, so
+    // the statistics' loads of the fresh sum are forwarded from them
+    static thread_local std::vector<A> row;
+    constexpr size_t kLine = 64 / sizeof(A);
+    if (row.size() < size_t(n) + kLine) row.resize(size_t(n) + kLine);
+    return row.data() + (kLine - reinterpret_cast<uintptr_t>(row.data()) % 64 / sizeof(A)) % kLine;
   };
   for_instances(
       ctx, rows, d,
