@@ -57,7 +57,7 @@ def fuse_norms(graph: gs.Graph, ops: Iterable[str] = FAMILIES, target: str = "au
         for node in list(g.nodes):
             if node.outputs:  # nodes of an earlier match are detached
                 _fuse_at(g, graph.opset, node, ops, target, names, report, where, exclude)
-        fuse_adds(g, graph.opset, ops, names, report, where, exclude)
+        fuse_adds(g, graph.opset, ops, names, report, where, exclude, standard_norms=target != "standard")
         g.cleanup()
     if "wn" in ops:
         fold_weight_norm(graph, report=report, exclude=exclude)

@@ -12,8 +12,12 @@
 A Cast of the sum to its own type between the add and the norm (`x.float()` of a float x) is
 looked through and removed.
 
-Runs after the norms are fused, on the `com.normfold` nodes they became; a standard
-`LayerNormalization` is left to onnxruntime, which fuses a residual add into it itself.
+Runs after the norms are fused, on the `com.normfold` nodes they became, and (unless the target
+is "standard") on standard `LayerNormalization` nodes (exported, or written by `--target auto` at
+opset ≥ 17) with a float stash type, no Mean/InvStdDev output read and a scale (and bias) of one
+value per normalized element: onnxruntime fuses such an add into its own SkipLayerNormalization,
+which on its CPU provider takes 5–10x the time of normfold's SkipLayerNorm
+(`benchmarks/RESULTS_call_overhead.md`, `RESULTS_ops.md`).
 """
 
 from __future__ import annotations
@@ -31,14 +35,15 @@ SKIP_OPS = {"LayerNorm": "SkipLayerNorm", "RMSNorm": "SkipRMSNorm"}
 
 
 def fuse_adds(graph: gs.Graph, opset: int, families: set[str], names: NameScope, report: PassReport,
-              where: str = "", exclude: frozenset[str] = frozenset()) -> None:
-    """Fuse each add described above into the com.normfold norm of `graph` that reads it, for the
-    --ops `families` given; record each in `report` (under the Add's name; adds named in
-    `exclude` are left)."""
+              where: str = "", exclude: frozenset[str] = frozenset(), standard_norms: bool = True) -> None:
+    """Fuse each add described above into the norm of `graph` that reads it, for the --ops
+    `families` given (`standard_norms`: standard LayerNormalization nodes too); record each in
+    `report` (under the Add's name; adds named in `exclude` are left)."""
     graph.cleanup()  # dead nodes of the fused subgraphs would count as readers of the sum
     for norm in list(graph.nodes):
-        if norm.domain != DOMAIN or norm.op not in (*SKIP_OPS, "GroupNorm") or not norm.outputs \
-                or OPS[norm.op].family not in families or norm.attrs.get("channel_first", 0):
+        standard = standard_norms and "ln" in families and _standard_layer_norm(graph, norm, opset)
+        if not standard and (norm.domain != DOMAIN or norm.op not in (*SKIP_OPS, "GroupNorm") or not norm.outputs
+                             or OPS[norm.op].family not in families or norm.attrs.get("channel_first", 0)):
             continue
         total = norm.inputs[0]
         add, reader, cast = producer(total), norm, []
@@ -58,18 +63,41 @@ def fuse_adds(graph: gs.Graph, opset: int, families: set[str], names: NameScope,
                     continue
             op, how, outputs = "BiasGroupNorm", "per-channel add", [norm.outputs[0]]
         elif same_dims(a, b) and same_dims(a, total):
-            op = SKIP_OPS[norm.op] + ("Sum" if read_elsewhere else "")
+            op = SKIP_OPS["LayerNorm" if standard else norm.op] + ("Sum" if read_elsewhere else "")
             how = "residual add" + (", sum output" if read_elsewhere else "")
             outputs = [norm.outputs[0], *([total] if read_elsewhere else [])]
         else:
             continue
-        attrs = {k: v for k, v in norm.attrs.items() if k != "channel_first"}
-        fused = gs.Node(op, names.fresh(f"{norm.outputs[0].name}_{op}"), attrs, [a, b, *norm.inputs[1:]], [],
-                        domain=DOMAIN)
+        if standard:
+            attrs = {"axis": int(norm.attrs.get("axis", -1)), "epsilon": float(norm.attrs.get("epsilon", 1e-5))}
+        else:
+            attrs = {k: v for k, v in norm.attrs.items() if k != "channel_first"}
+        params = [t for t in norm.inputs[1:] if t.name]  # LayerNormalization's bias may be given as ""
+        fused = gs.Node(op, names.fresh(f"{norm.outputs[0].name}_{op}"), attrs, [a, b, *params], [], domain=DOMAIN)
         detach([add, *cast, norm])
         fused.outputs.extend(outputs)
         graph.nodes.append(fused)
         report.changed(add.name, f"Add+{norm.op}", f"{DOMAIN}.{op}", how, where)
+
+
+def _standard_layer_norm(graph: gs.Graph, node: gs.Node, opset: int) -> bool:
+    """Whether `node` is a standard LayerNormalization SkipLayerNorm computes: float stash type, only
+    Y read, scale (and bias) constant with one value per element of the normalized axes."""
+    if node.op != "LayerNormalization" or not is_standard(node) or not node.outputs or \
+            int(node.attrs.get("stash_type", 1)) != 1:
+        return False
+    if any(out.outputs or is_observable(graph, out) for out in node.outputs[1:] if out.name):
+        return False  # Mean or InvStdDev is read
+    x = node.inputs[0]
+    if x.shape is None:
+        return False
+    axis = int(node.attrs.get("axis", -1)) % max(len(x.shape), 1)
+    normalized = x.shape[axis:]
+    if not all(isinstance(d, int) and d > 0 for d in normalized):
+        return False
+    count = int(np.prod(normalized))
+    params = [t for t in node.inputs[1:] if t.name]
+    return all(is_constant(t, opset) and t.shape is not None and int(np.prod(t.shape)) == count for t in params)
 
 
 def _is_identity_cast(node: gs.Node | None) -> bool:
