@@ -170,10 +170,10 @@ def fuse_command(model, output, inplace, ops, target, portable, shapes, check, c
     checked, and anything that only looks similar is left alone and listed
     with the reason. A residual add into a LayerNorm or RMSNorm (standard
     LayerNormalization included, unless --target standard) and a per-channel
-    add into a GroupNorm are fused into the norm. Constant weight norm / weight
-    standardisation is computed offline. Models using com.normfold ops run in any onnxruntime session that
-    registers normfold.ops_library_path() (see README). MODEL is never
-    modified unless --inplace.
+    add into a GroupNorm are fused into the norm. Constant weight norm /
+    weight standardisation is computed offline. Models using com.normfold ops
+    run in any onnxruntime session that registers normfold.ops_library_path()
+    (see README). MODEL is never modified unless --inplace.
 
     \b
     Example:

@@ -77,12 +77,13 @@ def _fold_graph(graph: gs.Graph, opset: int, names: NameScope, direction: str, r
                 where: str, exclude: frozenset[str]) -> None:
     reasons: dict[int, tuple[list[gs.Node], str]] = {}
     shifts: set[int] = set()  # the Add each partial fold leaves: what is left of a folded chain
-    norms = [n for n in unfused_norm_nodes(graph, opset) if _step(n, opset) is not None]  # never steps
+    norms = [n for n in unfused_norm_nodes(graph, opset) if _step(n, opset) is not None]
+    not_steps = {id(n) for n in norms}
     progress = True
     while progress:  # a fold can join or free other chains
         progress = False
         reasons.clear()
-        for chain in _chains(graph, opset, shifts | {id(n) for n in norms}):
+        for chain in _chains(graph, opset, shifts | not_steps):
             for steps, affine, reason in _pieces(graph, opset, chain):
                 if affine is not None and any(step.node.name in exclude for step in steps):
                     affine, reason = None, EXCLUDED

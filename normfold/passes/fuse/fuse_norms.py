@@ -29,10 +29,10 @@ from normfold.passes.fuse.emit import TARGETS, FusedNorm, emit
 from normfold.passes.fuse.fused_adds import fuse_adds
 from normfold.passes.matching import Match, NoMatch
 
-_MATCHERS: list[tuple[tuple[str, ...], Callable[[Match, gs.Node], FusedNorm]]] = [
-    (match_group_norm.ANCHORS, match_group_norm.match_group_norm),
-    (match_moment_norm.ANCHORS, match_moment_norm.match_moment_norm),
-]
+_MATCHER_AT: dict[str, Callable[[Match, gs.Node], FusedNorm]] = {  # anchor op -> its matcher
+    **{op: match_group_norm.match_group_norm for op in match_group_norm.ANCHORS},
+    **{op: match_moment_norm.match_moment_norm for op in match_moment_norm.ANCHORS},
+}
 _STANDARD_ANCHORS = ("GroupNormalization", "LayerNormalization")
 
 
@@ -69,38 +69,35 @@ def unfused_norm_nodes(graph: gs.Graph, opset: int) -> list[gs.Node]:
     pass matches but has not replaced: a kind left out (`ops`), or fuse not run."""
     found = []
     for node in graph.nodes:
-        for anchors, matcher in _MATCHERS:
-            if node.op not in anchors:
-                continue
-            try:
-                fused = matcher(Match(graph, opset), node)
-            except NoMatch:
-                continue
-            if not is_constant(fused.x, opset):
-                found += fused.nodes
+        if node.op not in _MATCHER_AT:
+            continue
+        try:
+            fused = _MATCHER_AT[node.op](Match(graph, opset), node)
+        except NoMatch:
+            continue
+        if not is_constant(fused.x, opset):
+            found += fused.nodes
     return found
 
 
 def _fuse_at(graph, opset, node, ops, target, names, report, where, exclude) -> None:
     if target == "standard" and node.op in _STANDARD_ANCHORS:
         return  # already a standard op
-    for anchors, matcher in _MATCHERS:
-        if node.op not in anchors:
-            continue
-        if node.name in exclude:
-            report.skip(node.name, node.op, EXCLUDED, where)
-            return
-        try:
-            fused = matcher(Match(graph, opset), node)
-            if fused.family not in ops or is_constant(fused.x, opset):
-                return  # another kind, or a norm of a constant (the wn part computes those offline)
-            into, replaced = emit(graph, names, fused, target, opset)
-        except NoMatch as why:
-            if why.candidate:
-                report.skip(node.name, node.op, str(why), where)
-            return
-        how = f"{len(replaced)} nodes" + (f", {fused.label}" if fused.label else "")
-        report.changed(node.name, "+".join(op for op, _ in replaced), into, how, where)
-        for left, reason in fused.left:
-            report.skip(left.name, left.op, f"kept after the fused {fused.describe}: {reason}", where)
+    if node.op not in _MATCHER_AT:
         return
+    if node.name in exclude:
+        report.skip(node.name, node.op, EXCLUDED, where)
+        return
+    try:
+        fused = _MATCHER_AT[node.op](Match(graph, opset), node)
+        if fused.family not in ops or is_constant(fused.x, opset):
+            return  # another kind, or a norm of a constant (the wn part computes those offline)
+        into, replaced = emit(graph, names, fused, target, opset)
+    except NoMatch as why:
+        if why.candidate:
+            report.skip(node.name, node.op, str(why), where)
+        return
+    how = f"{len(replaced)} nodes" + (f", {fused.label}" if fused.label else "")
+    report.changed(node.name, "+".join(op for op, _ in replaced), into, how, where)
+    for left, reason in fused.left:
+        report.skip(left.name, left.op, f"kept after the fused {fused.describe}: {reason}", where)
