@@ -150,6 +150,19 @@ def test_group_norm_large_instances_and_threads(shape, groups, threads, rng):
     assert_close(y, ref_group_norm(x, scale, bias, groups))
 
 
+@settings(max_examples=25, deadline=None)
+@given(means=st.lists(st.sampled_from([0.0, 1.0, -250.0, 3000.0, 1e4]), min_size=1, max_size=4),
+       width=st.integers(700, 5000), std=st.sampled_from([1e-2, 1.0, 30.0]), seed=st.integers(0, 2**16))
+def test_group_norm_statistics_across_blocks_of_channels_far_apart(means, width, std, seed):
+    """One group whose channels have their own means: the statistics run over blocks of 1024 values, the later
+    ones against the running mean, which can sit far from a block's own (a first channel at 0, the next at 1e4)."""
+    rng = np.random.default_rng(seed)
+    x = (np.array(means)[None, :, None] + std * rng.standard_normal((2, len(means), width))).astype(np.float32)
+    scale, bias = rng.standard_normal(len(means)).astype(np.float32), rng.standard_normal(len(means)).astype(np.float32)
+    y = run("GroupNorm", dict(X=x, scale=scale, bias=bias), dict(num_groups=1), threads=1)
+    assert_close(y, ref_group_norm(x, scale, bias, 1))
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])
 @pytest.mark.parametrize("activation", ["none", "silu"])
 def test_group_norm_fp16_fp64(dtype, activation, rng):

@@ -69,56 +69,58 @@ NORMFOLD_LOOP A sum(const A* x, int64_t n, F f) {
   return total(acc) + tail;
 }
 
-/// Σd and Σd² over x[0, n) with d = x - shift, in lanes; with `next` (n elements, the next block) also
-/// Σnext, in the lanes and order of sum(): its first pass, fused so that its reads from memory overlap
-/// this block's second pass over L1.
+template <class A>
+constexpr int64_t kPrefetchAhead = 4096 / sizeof(A);  // elements: a streaming read asks for its data 4 KB ahead
+
+/// Σd and Σd² over x[0, n) with d = x - shift, in lanes, with the data prefetched ahead: in a single
+/// pass over memory, the hardware prefetcher alone leaves the loop waiting (measured 0.54x of a copy's time
+/// without, 0.39x with, on 16.8 MB).
 template <class A>
 struct CentredSums {
-  A ds, q, next;
+  A ds, q;
 };
 template <class A>
-NORMFOLD_LOOP CentredSums<A> centred_sums(const A* x, int64_t n, A shift, const A* next) {
+NORMFOLD_LOOP CentredSums<A> centred_sums(const A* x, int64_t n, A shift) {
   constexpr int64_t L = kLanes<A>;
-  A ds[L] = {}, q[L] = {}, acc[L] = {};
+  A ds[L] = {}, q[L] = {};
   int64_t i = 0;
-  auto full_lanes = [&](auto with_next) {
-    for (; i + L <= n; i += L)
+  for (; i + L <= n; i += L) {
+    __builtin_prefetch(x + i + kPrefetchAhead<A>);
 #pragma omp simd
-      for (int64_t j = 0; j < L; ++j) {
-        const A d = x[i + j] - shift;
-        ds[j] += d;
-        q[j] += d * d;
-        if constexpr (decltype(with_next)::value) acc[j] += next[i + j];
-      }
-  };
-  if (next) full_lanes(std::true_type{});
-  else full_lanes(std::false_type{});
-  A ds_tail = 0, q_tail = 0, next_tail = 0;
+    for (int64_t j = 0; j < L; ++j) {
+      const A d = x[i + j] - shift;
+      ds[j] += d;
+      q[j] += d * d;
+    }
+  }
+  A ds_tail = 0, q_tail = 0;
   for (; i < n; ++i) {
     const A d = x[i] - shift;
     ds_tail += d;
     q_tail += d * d;
-    if (next) next_tail += next[i];
   }
-  return {total(ds) + ds_tail, total(q) + q_tail, next ? total(acc) + next_tail : A(0)};
+  return {total(ds) + ds_tail, total(q) + q_tail};
 }
 
-/// Mean and squared deviations of x[0, n): corrected two-pass over each block of kBlock (in L1), so a
-/// large mean (x + 1000) does not cancel the variance away; block results merged with Chan's formula.
+/// Statistics of one block x[0, len) (len ≤ kBlock) from its deviations from `shift`.
+template <class A>
+NORMFOLD_LOOP Moments block_moments(const A* x, int64_t len, A shift) {
+  const CentredSums<A> c = centred_sums(x, len, shift);
+  const double ds = double(c.ds), q = double(c.q);
+  return {double(len), double(shift) + ds / len, q - ds * ds / len};
+}
+
+/// Mean and squared deviations of x[0, n), in blocks of kBlock merged with Chan's formula. The first
+/// block takes two passes (its mean, then the deviations from it, from L1), so a large mean (x + 1000)
+/// does not cancel the variance away; every later block takes one, its deviations from the running mean.
+/// The rounding then stays relative to the total m2: by Cauchy-Schwarz, Σ_b len_b·(mean_b - running mean)²
+/// over equal blocks is at most (4 + 2·ln(blocks))·m2.
 template <class A>
 NORMFOLD_LOOP Moments moments(const A* x, int64_t n) {
-  auto identity = [](A v) { return v; };
-  Moments m;
-  A s = sum(x, std::min(kBlock, n), identity);  // first pass of the first block
-  for (int64_t off = 0; off < n; off += kBlock) {
-    const int64_t len = std::min(kBlock, n - off), next_len = std::clamp<int64_t>(n - off - kBlock, 0, kBlock);
-    const A* next = x + off + kBlock;
-    const A shift = s / A(len);
-    const CentredSums<A> c = centred_sums(x + off, len, shift, next_len == len ? next : nullptr);
-    s = next_len == len ? c.next : next_len > 0 ? sum(next, next_len, identity) : A(0);
-    const double ds = double(c.ds), q = double(c.q);
-    m.merge({double(len), double(shift) + ds / len, q - ds * ds / len});
-  }
+  if (n <= 0) return {};
+  const int64_t first = std::min(kBlock, n);
+  Moments m = block_moments(x, first, sum(x, first, [](A v) { return v; }) / A(first));
+  for (int64_t off = first; off < n; off += kBlock) m.merge(block_moments(x + off, std::min(kBlock, n - off), A(m.mean)));
   return m;
 }
 
