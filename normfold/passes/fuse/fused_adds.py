@@ -72,7 +72,7 @@ def fuse_adds(graph: gs.Graph, opset: int, families: set[str], names: NameScope,
             attrs = {"axis": int(norm.attrs.get("axis", -1)), "epsilon": float(norm.attrs.get("epsilon", 1e-5))}
         else:
             attrs = {k: v for k, v in norm.attrs.items() if k != "channel_first"}
-        params = [t for t in norm.inputs[1:] if t.name]  # LayerNormalization's bias may be given as ""
+        params = _parameters(norm)
         fused = gs.Node(op, names.fresh(f"{norm.outputs[0].name}_{op}"), attrs, [a, b, *params], [], domain=DOMAIN)
         detach([add, *cast, norm])
         fused.outputs.extend(outputs)
@@ -96,7 +96,7 @@ def _standard_layer_norm(graph: gs.Graph, node: gs.Node, opset: int) -> bool:
     if not all(isinstance(d, int) and d > 0 for d in normalized):
         return False
     count = int(np.prod(normalized))
-    params = [t for t in node.inputs[1:] if t.name]
+    params = _parameters(node)
     return all(is_constant(t, opset) and t.shape is not None and int(np.prod(t.shape)) == count for t in params)
 
 
@@ -113,3 +113,8 @@ def _per_channel(t: gs.Tensor, x: gs.Tensor) -> bool:
         return False
     head = all(d is not None and d == e and (not isinstance(d, int) or d >= 0) for d, e in zip(t.shape[:2], x.shape))
     return head and all(d == 1 for d in t.shape[2:])
+
+
+def _parameters(norm: gs.Node) -> list[gs.Tensor]:
+    """The norm's inputs after X that are given (LayerNormalization's bias may be given as "")."""
+    return [t for t in norm.inputs[1:] if t.name]
